@@ -1,0 +1,84 @@
+"""Architecture adapters: where a decoder-only model keeps its layers, attention and norms.
+
+Llama, Mistral, Qwen2 and Qwen3 (transformers 5.x) share one layout: `model.model.layers[i]` with `self_attn`
+(called with keyword arguments only, returns (output, weights)), `input_layernorm`, `post_attention_layernorm`
+and `mlp`; `model.model.embed_tokens`, `model.model.rotary_emb`, `model.model.norm`, `model.lm_head`. An adapter
+names those places once so the rest of the package never spells them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from nbl_dist.errors import UnsupportedArchitectureError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchAdapter:
+    model_type: str
+    layer_prefix: str = "model.layers."
+    embed_key: str = "model.embed_tokens.weight"
+    final_norm_key: str = "model.norm.weight"
+    lm_head_key: str = "lm_head.weight"
+    # Parameter-name prefixes (inside a decoder layer) that linearization removes.
+    replaced_prefixes: tuple[str, ...] = ("self_attn.", "input_layernorm.")
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    @staticmethod
+    def attention(layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    @staticmethod
+    def input_norm(layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    def layer_key_prefix(self, i: int) -> str:
+        return f"{self.layer_prefix}{i}."
+
+    def layer_of_key(self, key: str) -> int | None:
+        """Index of the decoder layer a checkpoint key belongs to, or None for embedding, norm, head."""
+        if not key.startswith(self.layer_prefix):
+            return None
+        return int(key[len(self.layer_prefix):].split(".", 1)[0])
+
+    def is_replaced_key(self, key: str, linearized: set[int]) -> bool:
+        """True for the tensors a linearized layer no longer has (its attention and input norm)."""
+        i = self.layer_of_key(key)
+        if i is None or i not in linearized:
+            return False
+        rest = key[len(self.layer_key_prefix(i)):]
+        return rest.startswith(self.replaced_prefixes)
+
+
+def adapter_for(config) -> ArchAdapter:
+    """The adapter for a transformers config; a clear error for anything else."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported; nbl-dist supports {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(decoder-only, pre-norm). Check config.json's \"model_type\" or use one of those families.")
+    return ArchAdapter(model_type=model_type)
+
+
+def meta_model(config) -> nn.Module:
+    """The model built on the meta device from its config alone: shapes and parameter counts, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def build_rotary(rotary_cls: type, config, device: str | torch.device) -> nn.Module:
+    """A real rotary embedding (its inverse frequencies are non-persistent buffers no checkpoint holds)."""
+    with torch.device(device):
+        return rotary_cls(config=config)

@@ -1,0 +1,125 @@
+"""Safetensors checkpoints: find which file holds which tensor, read only the tensors asked for, and write a
+checkpoint one tensor at a time (the header is computed from shapes first, so nothing is held in full).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from nbl_dist.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPE_NAMES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
+
+
+def weight_map(model_dir: str | Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name (relative), from the index or the single file."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {str(model_dir)!r} does not exist; pass --model a checkpoint folder")
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = model_dir / SINGLE_NAME
+    if single.exists():
+        with safe_open(str(single), framework="pt") as f:
+            return {k: SINGLE_NAME for k in f.keys()}
+    raise CheckpointError(
+        f"{str(model_dir)!r} has no {SINGLE_NAME} or {INDEX_NAME}; nbl-dist reads safetensors checkpoints. "
+        "Re-save the model with `model.save_pretrained(dir, safe_serialization=True)`.")
+
+
+def load_tensors(model_dir: str | Path, keys: Iterable[str], device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Read only `keys` from the checkpoint (each file opened once, memory-mapped).
+
+    Returns:
+        (tensors, bytes_read): bytes_read counts the stored bytes of the tensors read.
+    """
+    wmap = weight_map(model_dir)
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        if k not in wmap:
+            raise CheckpointError(f"tensor {k!r} is missing from the checkpoint in {str(model_dir)!r}")
+        by_file.setdefault(wmap[k], []).append(k)
+    out, nbytes = {}, 0
+    for fname, ks in by_file.items():
+        with safe_open(str(Path(model_dir) / fname), framework="pt", device="cpu") as f:
+            for k in ks:
+                t = f.get_tensor(k)
+                nbytes += t.numel() * t.element_size()
+                out[k] = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype)
+    return out, nbytes
+
+
+def tensor_specs(model_dir: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor, read from the headers only."""
+    model_dir = Path(model_dir)
+    specs = {}
+    for fname in sorted(set(weight_map(model_dir).values())):
+        specs.update(_file_specs(model_dir / fname))
+    return specs
+
+
+def _file_specs(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return {k: (_ST_TO_DTYPE[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+
+
+# A tensor to write: its name, dtype, shape, and a function producing it when its turn comes.
+TensorSource = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def write_safetensors_streaming(path: str | Path, sources: list[TensorSource],
+                                metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file holding one tensor in memory at a time. Returns the data bytes written."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, _ in sources:
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name, dtype, shape, produce in sources:
+            t = produce()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name}: produced {t.dtype} {tuple(t.shape)}, "
+                                      f"header says {dtype} {tuple(shape)}")
+            fh.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            del t
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offset

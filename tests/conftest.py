@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nbl_dist import synthetic  # noqa: E402
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+    "All the world's a stage, and all the men and women merely players; they have their exits.",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return synthetic.train_tokenizer(CORPUS, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def make_model_dir(tmp_path_factory, tokenizer):
+    """Factory: (family, dtype, seed, **config overrides) -> folder with a saved random tiny model + tokenizer."""
+    cache = {}
+
+    def make(family="llama", dtype=torch.float32, seed=0, **overrides):
+        key = (family, dtype, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cfg = synthetic.tiny_config(family, **overrides)
+            model = synthetic.random_model(cfg, dtype=dtype, seed=seed)
+            path = tmp_path_factory.mktemp(f"{family}-{str(dtype).split('.')[-1]}")
+            synthetic.save_model(model, path, tokenizer)
+            cache[key] = path
+        return cache[key]
+
+    return make

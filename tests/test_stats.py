@@ -1,0 +1,104 @@
+"""LayerStats against numpy float64 covariances of the whole data."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from nbl_dist.stats import LayerStats
+
+
+def correlated_data(n, d, seed=0, mean_scale=0.0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    a = x @ rng.standard_normal((d, d)) * 0.3 + rng.standard_normal((n, d))
+    if mean_scale:
+        # Channel means 1e4 times the spread: the outlier channels of real residual streams.
+        x += mean_scale * x.std(0) * rng.choice([-1, 1], d)
+        a += mean_scale * a.std(0) * rng.choice([-1, 1], d)
+    return x, a
+
+
+def reference_moments(x, a):
+    n = x.shape[0]
+    mx, ma = x.mean(0), a.mean(0)
+    xc, ac = x - mx, a - ma
+    return n, mx, ma, xc.T @ xc, ac.T @ xc, ac.T @ ac
+
+
+def assert_matches(stats, x, a, rtol):
+    n, mx, ma, mxx, max_, maa = reference_moments(x, a)
+    assert stats.n == n
+    for got, want in [(stats.mu_x, mx), (stats.mu_a, ma), (stats.m_xx, mxx), (stats.m_ax, max_), (stats.m_aa, maa)]:
+        got = got.numpy()
+        assert np.abs(got - want).max() <= rtol * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.mark.parametrize("mean_scale", [0.0, 1e4])
+def test_streaming_uneven_batches_and_any_merge_order(mean_scale):
+    d = 12
+    x, a = correlated_data(1000, d, seed=1, mean_scale=mean_scale)
+    cuts = [0, 1, 7, 130, 131, 600, 1000]  # uneven, including a batch of one token
+    parts = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        s = LayerStats.empty(d)
+        s.update(torch.from_numpy(x[lo:hi]), torch.from_numpy(a[lo:hi]))
+        parts.append(s)
+    streamed = LayerStats.empty(d)
+    for lo, hi in zip(cuts, cuts[1:]):
+        streamed.update(torch.from_numpy(x[lo:hi]), torch.from_numpy(a[lo:hi]))
+    assert_matches(streamed, x, a, 1e-10)
+    for order in [list(range(6)), [5, 0, 3, 1, 4, 2], [2, 4, 1, 5, 3, 0]]:
+        merged = LayerStats.empty(d)
+        for k in order:
+            merged.merge_(parts[k])
+        assert_matches(merged, x, a, 1e-10)
+    # Tree-shaped merge: ((p0+p1)+(p2+p3)) + (p4+p5)
+    tree = parts[0].merge(parts[1]).merge(parts[2].merge(parts[3])).merge(parts[4].merge(parts[5]))
+    assert_matches(tree, x, a, 1e-10)
+
+
+def test_float32_batches_with_huge_means_stay_accurate():
+    """float32 input, channel means 1e4 x spread: per-batch centring keeps the covariance right.
+
+    Uncentred float32 Gram products lose every digit here; centred ones keep float32's ~1e-6 relative.
+    The tolerance is float32's (the values themselves are rounded to float32 before the test compares).
+    """
+    d = 8
+    x, a = correlated_data(4000, d, seed=2, mean_scale=1e4)
+    x32, a32 = x.astype(np.float32), a.astype(np.float32)
+    s = LayerStats.empty(d)
+    for lo in range(0, 4000, 512):
+        s.update(torch.from_numpy(x32[lo:lo + 512]), torch.from_numpy(a32[lo:lo + 512]))
+    _, _, _, mxx, _, _ = reference_moments(x32.astype(np.float64), a32.astype(np.float64))
+    assert np.abs(s.m_xx.numpy() - mxx).max() <= 1e-4 * np.abs(mxx).max()
+    naive = (x32.T @ x32) - 4000 * np.outer(x32.mean(0), x32.mean(0))
+    assert np.abs(naive - mxx).max() > 1e-2 * np.abs(mxx).max()  # what the centring protects against
+
+
+def test_save_load_roundtrip_and_cosine_ratio(tmp_path):
+    d = 6
+    x, a = correlated_data(300, d, seed=3)
+    s = LayerStats.empty(d)
+    s.update(torch.from_numpy(x[:100]), torch.from_numpy(a[:100]))
+    s.update(torch.from_numpy(x[100:]), torch.from_numpy(a[100:]))
+    s.save(tmp_path / "s.safetensors")
+    t = LayerStats.load(tmp_path / "s.safetensors")
+    for f in ("mu_x", "mu_a", "m_xx", "m_ax", "m_aa"):
+        assert torch.equal(getattr(s, f), getattr(t, f))
+    assert (t.n, t.cos_sum, t.ratio_sum) == (s.n, s.cos_sum, s.ratio_sum)
+    y = x + a
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    ratio = np.linalg.norm(a, axis=1) / np.linalg.norm(x, axis=1)
+    assert s.cos_sum / s.n == pytest.approx(cos.mean(), rel=1e-12)
+    assert s.ratio_sum / s.n == pytest.approx(ratio.mean(), rel=1e-12)
+
+
+def test_merge_with_empty_is_identity():
+    d = 4
+    x, a = correlated_data(50, d)
+    s = LayerStats.empty(d)
+    s.update(torch.from_numpy(x), torch.from_numpy(a))
+    for merged in (LayerStats.empty(d).merge(s), s.merge(LayerStats.empty(d))):
+        assert_matches(merged, x, a, 1e-14)
