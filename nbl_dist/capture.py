@@ -8,6 +8,7 @@ are removed when the `with` block ends, whatever happens inside it.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -27,13 +28,14 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 
 @contextlib.contextmanager
 def capture_stats(layers: Mapping[int, nn.Module], stats: Mapping[int, LayerStats], adapter: ArchAdapter,
-                  tag: str = "") -> Iterator[None]:
+                  tag: str = "", timer: dict | None = None) -> Iterator[None]:
     """Accumulate stats[i] from every forward of layers[i] inside the block.
 
     Args:
         layers: layer index -> decoder layer module.
         stats: layer index -> accumulator (updated in place).
-        tag: text naming the current batch in error messages (a callable's result is read lazily).
+        tag: text naming the current batch in error messages.
+        timer: if given, timer["statistics"] accumulates the seconds spent updating statistics.
     """
     handles = []
     pending: dict[int, torch.Tensor] = {}
@@ -47,9 +49,14 @@ def capture_stats(layers: Mapping[int, nn.Module], stats: Mapping[int, LayerStat
         def hook(module, args, kwargs, output):
             x = pending.pop(i)
             a = output[0] if isinstance(output, tuple) else output
+            t0 = time.perf_counter()
             check_finite(x, f"the input of layer {i}{tag}")
             check_finite(a, f"the attention output of layer {i}{tag}")
             stats[i].update(x.detach(), a.detach())
+            if timer is not None:
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                timer["statistics"] = timer.get("statistics", 0.0) + time.perf_counter() - t0
         return hook
 
     try:

@@ -64,6 +64,15 @@ class InProcessBackend:
                     progress(batch.numel())
         return {"tokens": int(blocks.numel()), "timings": dict(self.timings)}
 
+    def reduce(self) -> None:
+        """Nothing to merge: one process holds every layer's statistics."""
+
+    def worker_reports(self) -> list[dict]:
+        import resource
+
+        return [{"replica": 0, "stage": 0, "timings": dict(self.timings), "bytes_out": 0,
+                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}]
+
     def scores(self, ridge: float | None = None) -> list[LayerScores]:
         return [layer_scores(i, s, ridge) for i, s in sorted(self.stats.items())]
 

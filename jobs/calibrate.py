@@ -1,0 +1,17 @@
+"""Ray job entry point: the same options as `nbl-dist calibrate`, plus --config FILE.yaml.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/calibrate.py --config jobs/configs/smollm2.yaml --address auto
+
+Inside a job, pass `--address auto` to join the cluster the job runs on (without it a private local Ray starts).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir holds nbl_dist/
+
+from nbl_dist.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["calibrate", *sys.argv[1:]]))

@@ -1,0 +1,126 @@
+"""`nbl-dist` command line: calibrate, plan, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nbl_dist.config import BACKENDS, DEVICES, DTYPES, PLACEMENTS, RANK_RULES, CalibrationConfig, load_yaml
+from nbl_dist.errors import NBLError
+
+
+def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The calibrate options (shared with jobs/calibrate.py). Defaults are None so a YAML config can fill them."""
+    p.add_argument("--model", required=required, help="Hugging Face checkpoint folder (safetensors)")
+    p.add_argument("--data", help="calibration text: .txt/.jsonl/.json/.parquet file or folder")
+    p.add_argument("--out", required=required, help="output folder (linearized checkpoint + report)")
+    p.add_argument("--samples", type=int, help="number of token blocks (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per block (default 2048)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--linearize", type=int, help="number of attention layers to linearize")
+    g.add_argument("--max-bound", type=float, help="linearize every layer whose CCA bound is at most this")
+    p.add_argument("--rank-by", choices=RANK_RULES, help="layer ranking rule (default cca)")
+    p.add_argument("--stages", type=int, help="pipeline stages (actors per replica, default 1)")
+    p.add_argument("--replicas", type=int, help="data-parallel pipeline replicas (default 1)")
+    p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 1)")
+    p.add_argument("--max-inflight", type=int, help="micro-batches in flight per replica (default 2)")
+    p.add_argument("--dtype", choices=DTYPES, help="forward dtype (default auto)")
+    p.add_argument("--device", choices=DEVICES, help="forward device (default auto)")
+    p.add_argument("--seed", type=int, help="random choice of blocks with this seed (default: the first N)")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray in this process)")
+    p.add_argument("--text-column", help="text column of .jsonl/.json/.parquet data (default text)")
+    p.add_argument("--ridge", type=float, help="ridge lambda, relative to mean(diag(C)) (default: only if needed)")
+    p.add_argument("--backend", choices=BACKENDS, help="ray (default) or in-process")
+    p.add_argument("--placement", choices=PLACEMENTS, help="placement-group strategy (default PACK)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
+    p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG plot")
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> CalibrationConfig:
+    """Command-line values over a YAML base over the defaults."""
+    values = dict(base or {})
+    for k, v in vars(args).items():
+        if k in ("command", "config", "func") or v is None:
+            continue
+        values[k] = v
+    for req in ("model", "out"):
+        if not values.get(req):
+            raise NBLError(f"--{req} is required (on the command line or in the --config file)")
+    return CalibrationConfig.from_dict(values).validate()
+
+
+def cmd_calibrate(args) -> int:
+    from nbl_dist.pipeline import calibrate
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    calibrate(config_from_args(args, base))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import torch  # noqa: F401
+
+    from nbl_dist.checkpoint import torch_dtype
+    from nbl_dist.plan import make_plan
+
+    hf_config = _config_from_path(args.model)
+    plan = make_plan(hf_config, args.stages, args.replicas, torch_dtype(args.dtype), args.batch_size,
+                     args.seq_len)
+    print(plan.describe())
+    return 0
+
+
+def _config_from_path(path: str):
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if p.is_file():
+        import json
+
+        raw = json.loads(p.read_text())
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    return AutoConfig.from_pretrained(p)
+
+
+def cmd_report(args) -> int:
+    from nbl_dist.report import format_table, read_report
+
+    print(format_table(read_report(args.dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbl-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("calibrate", help="calibrate, rank, fit and write a linearized checkpoint")
+    add_calibrate_options(p, required=False)
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("plan", help="shard plan and memory per actor, from the config alone")
+    p.add_argument("--model", required=True, help="checkpoint folder or config.json")
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("report", help="print an output folder's nbl_report.json as a table")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NBLError as e:
+        print(f"nbl-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

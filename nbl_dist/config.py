@@ -1,0 +1,92 @@
+"""Frozen, typed calibration config: built once at the entry point (CLI, job, Python API), validated, then
+unpacked into explicit arguments. Library functions below the pipeline never receive it whole."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from nbl_dist.errors import ConfigError
+
+RANK_RULES = ("cca", "nmse", "cosine", "loss")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("ray", "in-process")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    model: str
+    out: str
+    data: str | None = None
+    samples: int = 128
+    seq_len: int = 2048
+    linearize: int | None = None
+    max_bound: float | None = None
+    rank_by: str = "cca"
+    stages: int = 1
+    replicas: int = 1
+    batch_size: int = 1
+    max_inflight: int = 2
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int | None = None
+    address: str | None = None
+    text_column: str = "text"
+    ridge: float | None = None
+    backend: str = "ray"
+    placement: str = "PACK"
+    cpus_per_actor: float | None = None
+    overwrite: bool = False
+    plot: bool = True
+
+    def validate(self) -> "CalibrationConfig":
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if self.dtype not in DTYPES:
+            bad(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            bad(f"unknown --device {self.device!r}; use one of {', '.join(DEVICES)}")
+        if self.rank_by not in RANK_RULES:
+            bad(f"unknown --rank-by {self.rank_by!r}; use one of {', '.join(RANK_RULES)}")
+        if self.rank_by == "loss":
+            bad("--rank-by loss (the measured rule) is not available yet; use cca, nmse or cosine")
+        if self.backend not in BACKENDS:
+            bad(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.placement.upper() not in PLACEMENTS:
+            bad(f"unknown --placement {self.placement!r}; use one of {', '.join(PLACEMENTS)}")
+        for name in ("samples", "seq_len", "stages", "replicas", "batch_size", "max_inflight"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.linearize is None and self.max_bound is None:
+            bad("say how many layers to linearize: --linearize K or --max-bound B")
+        if self.linearize is not None and self.linearize < 0:
+            bad(f"--linearize must be 0 or more, got {self.linearize}")
+        if self.max_bound is not None and self.rank_by != "cca":
+            bad("--max-bound is a threshold on the CCA bound: use it with --rank-by cca, or use --linearize K")
+        if self.backend == "in-process" and (self.stages, self.replicas) != (1, 1):
+            bad("the in-process backend runs one stage and one replica; use the Ray backend for more")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CalibrationConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Options from a YAML file; keys are the command-line names with '-' or '_'."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}

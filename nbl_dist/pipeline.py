@@ -1,0 +1,194 @@
+"""calibrate(): plan -> stream -> reduce -> rank -> fit -> write, on either backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nbl_dist.checkpoint import torch_dtype, weight_map
+from nbl_dist.config import CalibrationConfig
+from nbl_dist.errors import ConfigError
+from nbl_dist.linalg import LayerScores
+from nbl_dist.linearized import atomic_replace_dir, write_linearized
+from nbl_dist.plan import ShardPlan, fmt_bytes, make_plan
+from nbl_dist.progress import Progress
+from nbl_dist.report import PLOT_NAME, plot_bounds, write_report
+
+# Direction of each rule: the layers linearized first are those with the lowest key.
+RANK_KEYS = {
+    "cca": lambda s: s.cca_bound,
+    "nmse": lambda s: s.nmse,
+    "cosine": lambda s: -s.cosine,  # LLM-Drop: the attention whose output changes the stream least goes first
+}
+
+
+def select_layers(scores: list[LayerScores], rank_by: str, linearize: int | None,
+                  max_bound: float | None) -> list[int]:
+    """The layers to linearize: the K best by the rule, or every layer whose CCA bound is at most max_bound."""
+    ranked = sorted(scores, key=RANK_KEYS[rank_by])
+    if linearize is not None:
+        if linearize > len(scores):
+            raise ConfigError(f"--linearize {linearize} is more than the model's {len(scores)} layers")
+        chosen = ranked[:linearize]
+    else:
+        chosen = [s for s in ranked if s.cca_bound <= max_bound]
+    return sorted(s.layer for s in chosen)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
+    """auto: the checkpoint's dtype on GPU; float32 on CPU (CPU bf16 matmuls are slow and gain nothing here)."""
+    if dtype != "auto":
+        return torch_dtype(dtype)
+    if device == "cpu":
+        return torch.float32
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return torch_dtype(str(stored).removeprefix("torch.")) if stored else torch.bfloat16
+
+
+def load_model_config(model_dir: str):
+    from transformers import AutoConfig
+
+    from nbl_dist.arch import adapter_for
+
+    weight_map(model_dir)  # the folder exists and holds safetensors, or a clear error
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    adapter_for(hf_config)
+    return hf_config
+
+
+def prepare_output(out: str, overwrite: bool) -> tuple[Path, Path]:
+    """(final folder, temporary sibling to write into): the output appears complete or not at all."""
+    final = Path(out)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {out!r} exists and is not empty; pass --overwrite or another --out")
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final, tmp
+
+
+def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str):
+    if cfg.backend == "in-process":
+        from nbl_dist.local import InProcessBackend
+
+        return InProcessBackend(cfg.model, dtype, device)
+    from nbl_dist.ray_backend import RayBackend
+
+    return RayBackend(cfg.model, plan, dtype, device=device, address=cfg.address, placement=cfg.placement,
+                      cpus_per_actor=cfg.cpus_per_actor, max_inflight=cfg.max_inflight)
+
+
+def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=print) -> dict:
+    """Run the whole calibration described by cfg and write cfg.out. Returns the report.
+
+    Args:
+        cfg: the validated config.
+        blocks: (N, T) token ids to use instead of reading cfg.data (tests, notebooks).
+        log: where progress text goes.
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    hf_config = load_model_config(cfg.model)
+    n_layers = hf_config.num_hidden_layers
+    if cfg.linearize is not None and cfg.linearize > n_layers:
+        raise ConfigError(f"--linearize {cfg.linearize} is more than the model's {n_layers} layers")
+    seq_len = cfg.seq_len if blocks is None else int(blocks.shape[1])
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({max_pos}); lower --seq-len")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, hf_config, device)
+    final, tmp = prepare_output(cfg.out, cfg.overwrite)
+
+    if blocks is None:
+        if cfg.data is None:
+            raise ConfigError("no calibration data: pass --data PATH")
+        from transformers import AutoTokenizer
+
+        from nbl_dist.data import load_blocks
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        blocks = load_blocks(cfg.data, tokenizer, cfg.samples, cfg.seq_len, cfg.seed, cfg.text_column)
+    t_data = time.perf_counter()
+
+    plan = make_plan(hf_config, cfg.stages, cfg.replicas, dtype, cfg.batch_size, blocks.shape[1], cfg.max_inflight)
+    log(plan.describe())
+    backend = make_backend(cfg, plan, dtype, device)
+    try:
+        log("Placement:")
+        for p in backend.placement:
+            log(f"  replica {p['replica']} stage {p['stage']}: layers {p['layers'][0]}-{p['layers'][1] - 1} "
+                f"on node {str(p['node'])[:12]} ({p['device']})")
+        t_ready = time.perf_counter()
+        stream_info = backend.stream(blocks, cfg.batch_size, Progress(int(blocks.numel())))
+        t_stream = time.perf_counter()
+        backend.reduce()
+        t_reduce = time.perf_counter()
+        scores = backend.scores(cfg.ridge)
+        selected = select_layers(scores, cfg.rank_by, cfg.linearize, cfg.max_bound)
+        t_rank = time.perf_counter()
+        ridges = backend.fit(selected, cfg.ridge)
+        t_fit = time.perf_counter()
+        nbl_meta = {"rank_by": cfg.rank_by, "tokens": int(blocks.numel()), "tool": "nbl-dist"}
+        write_info = write_linearized(cfg.model, tmp, selected, backend.get_fit, nbl_meta=nbl_meta)
+        t_write = time.perf_counter()
+        workers = backend.worker_reports()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        backend.close()
+
+    report = {
+        "model": str(cfg.model),
+        "num_layers": n_layers,
+        "hidden_size": hf_config.hidden_size,
+        "tokens": int(blocks.numel()),
+        "selected_layers": selected,
+        "rank_by": cfg.rank_by,
+        "layers": [{**s.to_dict(), "selected": s.layer in selected, "fit_ridge": ridges.get(s.layer)}
+                   for s in scores],
+        "timings": {"data": t_data - t_start, "startup": t_ready - t_data, "stream": t_stream - t_ready,
+                    "reduce": t_reduce - t_stream, "rank": t_rank - t_reduce, "fit": t_fit - t_rank,
+                    "write": t_write - t_fit, "total": t_write - t_start,
+                    "tokens_per_s": blocks.numel() / max(t_stream - t_ready, 1e-9), **{
+                        k: v for k, v in stream_info.items() if k.endswith("_s")}},
+        "workers": workers,
+        "placement": [{k: v for k, v in p.items() if k != "keys"} for p in backend.placement],
+        "plan": plan.to_dict(),
+        "backend": backend.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "output": write_info,
+        "config": dataclasses.asdict(cfg),
+    }
+    write_report(tmp, report)
+    if cfg.plot:
+        plot_bounds(report, tmp / PLOT_NAME)
+    atomic_replace_dir(tmp, final)
+    log(f"Linearized layers {selected} (by {cfg.rank_by}); wrote {final} "
+        f"({fmt_bytes(write_info['removed_bytes'] - write_info['added_bytes'])} smaller) "
+        f"in {report['timings']['total']:.1f} s, {report['timings']['tokens_per_s']:,.0f} tok/s streaming")
+    return report
+
+
+def calibrate_api(model: str, out: str, **options) -> dict:
+    """nbl_dist.calibrate(model=..., out=..., data=..., linearize=..., ...): the Python entry point."""
+    blocks = options.pop("blocks", None)
+    log = options.pop("log", lambda *a: print(*a, file=sys.stderr))
+    cfg = CalibrationConfig.from_dict({"model": str(model), "out": str(out), **options})
+    return calibrate(cfg, blocks=blocks, log=log)

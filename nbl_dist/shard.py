@@ -1,0 +1,213 @@
+"""ShardWorker: one contiguous range of decoder layers, loaded alone from the checkpoint, run on micro-batches
+that stream through, accumulating each layer's statistics in place.
+
+An ordinary class: unit tests drive it directly, the in-process chain calls it in a loop, and the Ray backend wraps
+it as an actor. It never imports Ray. Activations enter and leave as numpy arrays (zero-copy through Ray's object
+store); bf16 travels as its raw 16-bit pattern, since numpy has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nbl_dist.arch import adapter_for, build_rotary, meta_model
+from nbl_dist.capture import capture_stats
+from nbl_dist.checkpoint import load_tensors, torch_dtype, weight_map
+from nbl_dist.linalg import LinearFit, layer_scores, lmmse_fit
+from nbl_dist.stats import LayerStats
+
+Wire = dict  # {"data": np.ndarray, "dtype": str}: activations between stages
+
+
+def to_wire(t: torch.Tensor) -> Wire:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return {"data": t.view(torch.int16).numpy(), "dtype": "bfloat16"}
+    return {"data": t.numpy(), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+def readonly_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a numpy array without copying. Ray hands out zero-copy, read-only arrays; nothing here
+    writes into its inputs (every op makes a new tensor), so torch's warning about them does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(a))
+
+
+def from_wire(w: Wire, device: torch.device) -> torch.Tensor:
+    t = readonly_tensor(w["data"])
+    if w["dtype"] == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.to(device)
+
+
+class ShardWorker:
+    """Holds decoder layers [start, end) of one pipeline replica.
+
+    Args:
+        model_dir: checkpoint folder (safetensors); every node must see it at this path.
+        start, end: the layer range.
+        embed: whether this stage also embeds token ids (the first stage).
+        dtype: forward dtype name ("float32", "bfloat16", ...).
+        device: "cpu" or "cuda" (the GPU Ray assigned, on a cluster).
+        stats_device: where the float64 statistics live (default: device).
+        replica, stage: this worker's coordinates, for the report.
+        num_threads: torch intra-op threads (match the CPUs reserved for the actor).
+    """
+
+    def __init__(self, model_dir: str, start: int, end: int, *, embed: bool, dtype: str = "float32",
+                 device: str = "cpu", stats_device: str | None = None, replica: int = 0, stage: int = 0,
+                 num_threads: int | None = None):
+        from transformers import AutoConfig
+
+        t0 = time.perf_counter()
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.replica, self.stage, self.start, self.end, self.embed = replica, stage, start, end, embed
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
+        config = AutoConfig.from_pretrained(model_dir)
+        config._attn_implementation = "sdpa"  # causal masking from is_causal: no (T, T) mask to build or ship
+        self.config, self.adapter = config, adapter_for(config)
+
+        meta = meta_model(config)
+        mine = range(start, end)
+        keys = [k for k in weight_map(model_dir) if self.adapter.layer_of_key(k) in mine]
+        if embed:
+            keys.append(self.adapter.embed_key)
+        tensors, self.bytes_read = load_tensors(model_dir, keys, device=self.device, dtype=self.dtype)
+        self.loaded_keys = sorted(keys)
+
+        self.layers: dict[int, torch.nn.Module] = {}
+        all_layers = self.adapter.layers(meta)
+        for i in mine:
+            prefix = self.adapter.layer_key_prefix(i)
+            layer = all_layers[i]
+            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                  strict=True, assign=True)
+            self.layers[i] = layer.eval()
+        decoder = self.adapter.decoder(meta)
+        self.embed_tokens = None
+        if embed:
+            self.embed_tokens = decoder.embed_tokens
+            self.embed_tokens.load_state_dict({"weight": tensors[self.adapter.embed_key]}, assign=True)
+        self.rotary = build_rotary(type(decoder.rotary_emb), config, self.device)
+        del tensors, meta
+
+        d = config.hidden_size
+        self.stats_device = torch.device(stats_device or device)
+        self.stats = {i: LayerStats.empty(d, self.stats_device) for i in mine}
+        self.fits: dict[int, LinearFit] = {}
+        self.timings = {"load": time.perf_counter() - t0, "forward": 0.0, "statistics": 0.0, "wait": 0.0,
+                        "calls": 0}
+        self.bytes_out = 0
+        self.batches_done = 0
+        self._last_return = None
+
+    # ------------------------------------------------------------------ phases
+    def info(self) -> dict:
+        """Where this worker runs and what it loaded (for the plan printout and the report)."""
+        node = os.environ.get("RAY_NODE_ID")
+        try:
+            import ray  # only to read the node id when running as an actor; this module does not need Ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else node
+        except ImportError:
+            pass
+        return {"replica": self.replica, "stage": self.stage, "layers": [self.start, self.end],
+                "embed": self.embed, "host": socket.gethostname(), "pid": os.getpid(), "node": node,
+                "device": str(self.device), "bytes_read": self.bytes_read, "keys": self.loaded_keys}
+
+    @torch.no_grad()
+    def run_batch(self, inp, last: bool = False, batch_id: int = -1):
+        """Run this shard's layers on one micro-batch.
+
+        Args:
+            inp: (B, T) int64 token ids (numpy) on the first stage, else a Wire of (B, T, d) hidden states.
+            last: return only a receipt instead of the activations (nothing downstream needs them).
+        Returns:
+            Wire of (B, T, d) hidden states, or {"tokens": B*T, "batch": batch_id} when last.
+        """
+        now = time.perf_counter()
+        if self._last_return is not None:
+            self.timings["wait"] += now - self._last_return
+        if self.embed:
+            ids = readonly_tensor(inp).to(self.device, torch.long)  # (B, T)
+            h = self.embed_tokens(ids)  # (B, T, d)
+        else:
+            h = from_wire(inp, self.device)  # (B, T, d)
+        bsz, t = h.shape[:2]
+        pos = torch.arange(t, device=self.device).unsqueeze(0)  # (1, T)
+        cos_sin = self.rotary(h, pos)
+        timer = {"statistics": 0.0}
+        with capture_stats(self.layers, self.stats, self.adapter, tag=f" (micro-batch {batch_id})", timer=timer):
+            for i in range(self.start, self.end):
+                h = self.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
+                                   use_cache=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        spent = time.perf_counter() - now
+        self.timings["statistics"] += timer["statistics"]
+        self.timings["forward"] += spent - timer["statistics"]
+        self.timings["calls"] += 1
+        self.batches_done += 1
+        if last:
+            out = {"tokens": bsz * t, "batch": batch_id}
+        else:
+            out = to_wire(h)
+            self.bytes_out += out["data"].nbytes
+        self._last_return = time.perf_counter()
+        return out
+
+    def export_stats(self) -> dict[int, dict[str, np.ndarray]]:
+        """This shard's statistics as numpy (for a merge on another actor, through the object store)."""
+        return {i: s.to_numpy() for i, s in self.stats.items()}
+
+    def merge_stats(self, *exports: dict[int, dict[str, np.ndarray]]) -> int:
+        """Chan-merge other replicas' statistics of the same layers into this shard's. Returns the token count."""
+        for exp in exports:
+            for i, arrays in exp.items():
+                self.stats[int(i)].merge_(LayerStats.from_numpy(arrays, device=self.stats_device))
+        return self.stats[self.start].n if self.stats else 0
+
+    def scores(self, ridge: float | None = None) -> list[dict]:
+        """Every ranking score of every layer held here: scalars only."""
+        return [layer_scores(i, self.stats[i], ridge).to_dict() for i in range(self.start, self.end)]
+
+    def fit(self, layers: list[int], ridge: float | None = None) -> dict[int, float]:
+        """Fit the LMMSE maps of `layers` (a subset of this shard's); the maps stay here until fetched."""
+        for i in layers:
+            self.fits[i] = lmmse_fit(self.stats[i], ridge)
+        return {i: self.fits[i].ridge for i in layers}
+
+    def get_fit(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        f = self.fits.pop(layer)
+        return f.weight.cpu().numpy(), f.bias.cpu().numpy()
+
+    def report(self) -> dict:
+        """Timings, bytes and peak memory of this worker."""
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        out = {"replica": self.replica, "stage": self.stage, "timings": dict(self.timings),
+               "bytes_out": self.bytes_out, "batches": self.batches_done, "peak_rss_bytes": peak_rss}
+        if self.device.type == "cuda":
+            out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def save_stats(self, folder: str) -> list[str]:
+        """Write each layer's statistics atomically (temp file, fsync in the writer, rename)."""
+        paths = []
+        for i, s in self.stats.items():
+            final = Path(folder) / f"layer{i:04d}.stats.safetensors"
+            tmp = final.with_suffix(".tmp")
+            s.save(tmp)
+            os.replace(tmp, final)
+            paths.append(str(final))
+        return paths
