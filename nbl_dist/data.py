@@ -32,7 +32,9 @@ def iter_documents(path: str | Path, text_column: str = "text") -> Iterator[str]
         raise DataError(f"--data {str(path)!r} holds no .txt, .jsonl, .json or .parquet files")
     for f in files:
         if f.suffix == ".txt":
-            yield f.read_text(encoding="utf-8", errors="replace")
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if text.strip():  # an empty file is no document (it would add a lone EOS)
+                yield text
         else:
             yield from _tabular_documents(f, text_column)
 
