@@ -115,6 +115,18 @@ def cmd_eval(args) -> int:
     from nbl_dist.linearized import read_nbl_section
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.tasks:
+        from nbl_dist.evaluate import harness_eval
+
+        res = harness_eval(_load_any(args.model, args.dtype), tokenizer, args.tasks.split(","),
+                           include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+                           batch_size=args.batch_size)
+        for task, metrics in res.items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        if not args.data:
+            return 0
+    if not args.data:
+        raise NBLError("nbl-dist eval needs --data PATH (perplexity) or --tasks LIST (lm-evaluation-harness)")
     ids = token_stream(iter_documents(args.data, args.text_column), tokenizer)
     # Held-out: skip the blocks calibration used (--skip, default the report's count when the folder has one).
     skip = args.skip if args.skip is not None else int(read_nbl_section(args.model).get("tokens", 0)) // args.seq_len
@@ -166,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("eval", help="held-out perplexity of an original or linearized folder")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="held-out text for perplexity")
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
+    p.add_argument("--include-path", help="folder of extra harness task YAMLs (local data)")
+    p.add_argument("--limit", type=int, help="harness: examples per task")
+    p.add_argument("--num-fewshot", type=int)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--skip", type=int, help="blocks to skip first (default: those calibration used)")

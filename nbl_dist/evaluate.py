@@ -55,3 +55,24 @@ def compare_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 32, roun
             s = speed(model, prompt, new_tokens, repeats=1)
             best[name] = {k: max(v, best.get(name, {}).get(k, 0.0)) for k, v in s.items()}
     return best
+
+
+def harness_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                 num_fewshot: int | None = None, batch_size: int = 4) -> dict:
+    """Run lm-evaluation-harness tasks on an already-loaded model (the model object is passed in, so a
+    linearized model needs no trust_remote_code). include_path: a folder of extra task YAMLs (local data).
+
+    Returns:
+        task -> {metric: value}.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, res in out["results"].items()}
