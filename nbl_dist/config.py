@@ -40,6 +40,9 @@ class CalibrationConfig:
     cpus_per_actor: float | None = None
     overwrite: bool = False
     plot: bool = True
+    device_memory: str | None = None  # per actor, e.g. "80GiB"; default: the GPU's, or host RAM / actors
+    host_memory: str | None = None  # per actor, for statistics kept on the host
+    stats_device: str = "auto"  # auto | device | cpu
 
     def validate(self) -> "CalibrationConfig":
         def bad(msg):
@@ -66,6 +69,8 @@ class CalibrationConfig:
             bad(f"--linearize must be 0 or more, got {self.linearize}")
         if self.max_bound is not None and self.rank_by != "cca":
             bad("--max-bound is a threshold on the CCA bound: use it with --rank-by cca, or use --linearize K")
+        if self.stats_device not in ("auto", "device", "cpu"):
+            bad(f"unknown --stats-device {self.stats_device!r}; use auto, device or cpu")
         if self.backend == "in-process" and (self.stages, self.replicas) != (1, 1):
             bad("the in-process backend runs one stage and one replica; use the Ray backend for more")
         return self

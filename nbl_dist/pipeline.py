@@ -12,10 +12,10 @@ import torch
 
 from nbl_dist.checkpoint import torch_dtype, weight_map
 from nbl_dist.config import CalibrationConfig
-from nbl_dist.errors import ConfigError
+from nbl_dist.errors import ConfigError, PlanError
 from nbl_dist.linalg import LayerScores
 from nbl_dist.linearized import atomic_replace_dir, write_linearized
-from nbl_dist.plan import ShardPlan, fmt_bytes, make_plan
+from nbl_dist.plan import ShardPlan, check_memory, fmt_bytes, parse_bytes
 from nbl_dist.progress import Progress
 from nbl_dist.report import PLOT_NAME, plot_bounds, write_report
 
@@ -81,6 +81,32 @@ def prepare_output(out: str, overwrite: bool) -> tuple[Path, Path]:
     return final, tmp
 
 
+def default_device_memory(cfg: CalibrationConfig, device: str) -> int | None:
+    """Per-actor budget when none is given: the GPU's memory, or (local CPU runs) available RAM over the actors."""
+    if cfg.device_memory is not None:
+        return parse_bytes(cfg.device_memory)
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    if cfg.address is None:
+        import psutil
+
+        return psutil.virtual_memory().available // (cfg.stages * cfg.replicas)
+    return None  # a remote CPU cluster: its nodes' memory is not known here
+
+
+def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int, log) -> ShardPlan:
+    """The shard plan, checked against the memory budget before anything is loaded."""
+    budget = default_device_memory(cfg, device)
+    check = check_memory(hf_config, cfg.stages, budget, parse_bytes(cfg.host_memory), cfg.stats_device,
+                         replicas=cfg.replicas, dtype=dtype, batch_size=cfg.batch_size, seq_len=seq_len,
+                         max_inflight=cfg.max_inflight, device=device)
+    log(check.plan.describe())
+    log(f"  memory check: {check.message}")
+    if not check.fits:
+        raise PlanError(f"the plan {check.message}")
+    return check.plan
+
+
 def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str):
     if cfg.backend == "in-process":
         from nbl_dist.local import InProcessBackend
@@ -89,7 +115,8 @@ def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, de
     from nbl_dist.ray_backend import RayBackend
 
     return RayBackend(cfg.model, plan, dtype, device=device, address=cfg.address, placement=cfg.placement,
-                      cpus_per_actor=cfg.cpus_per_actor, max_inflight=cfg.max_inflight)
+                      cpus_per_actor=cfg.cpus_per_actor, max_inflight=cfg.max_inflight,
+                      stats_device=None if plan.stages[0].stats_on_device else "cpu")
 
 
 def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=print) -> dict:
@@ -125,8 +152,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         blocks = load_blocks(cfg.data, tokenizer, cfg.samples, cfg.seq_len, cfg.seed, cfg.text_column)
     t_data = time.perf_counter()
 
-    plan = make_plan(hf_config, cfg.stages, cfg.replicas, dtype, cfg.batch_size, blocks.shape[1], cfg.max_inflight)
-    log(plan.describe())
+    plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
     backend = make_backend(cfg, plan, dtype, device)
     try:
         log("Placement:")

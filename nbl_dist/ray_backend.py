@@ -53,6 +53,7 @@ class RayBackend:
         placement: placement-group strategy (PACK, SPREAD, ...).
         cpus_per_actor: CPUs reserved per actor (default: what the cluster has, shared out).
         max_inflight: micro-batches in flight per replica.
+        stats_device: where actors keep statistics (None: on their device; "cpu": host memory).
         pg_timeout_s: how long to wait for the placement group before giving up with a clear error.
     """
 
@@ -60,7 +61,7 @@ class RayBackend:
 
     def __init__(self, model_dir: str, plan: ShardPlan, dtype: torch.dtype, device: str = "cpu",
                  address: str | None = None, placement: str = "PACK", cpus_per_actor: float | None = None,
-                 max_inflight: int = 2, pg_timeout_s: float = 120.0):
+                 max_inflight: int = 2, pg_timeout_s: float = 120.0, stats_device: str | None = None):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -97,7 +98,8 @@ class RayBackend:
                     row.append(remote_cls.options(num_cpus=cpus_per_actor, num_gpus=gpus,
                                                   scheduling_strategy=strategy, max_concurrency=1).remote(
                         str(model_dir), s.start, s.end, embed=s.embed, dtype=str(dtype).removeprefix("torch."),
-                        device=device, replica=r, stage=s.stage, num_threads=threads))
+                        device=device, stats_device=stats_device, replica=r, stage=s.stage,
+                        num_threads=threads))
                 self.actors.append(row)
             self.placement = ray.get([a.info.remote() for row in self.actors for a in row])
         except Exception:

@@ -14,6 +14,7 @@ This module never imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     so a float64 model is reproduced to round-off.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """float32 Gram products at full float32 precision, whatever the process set.
+
+    TF32 (or bf16-emulated fp32) is exact only for inputs with at most 10 mantissa bits, such as raw bf16 values;
+    the centred values x - mu are not, so TF32 would round them. The setting is restored on exit.
+    """
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 @dataclasses.dataclass
@@ -68,18 +84,43 @@ class LayerStats:
     def update(self, x: torch.Tensor, a: torch.Tensor) -> None:
         """Fold one batch of token positions into the statistics, in place.
 
+        The batch is centred on its own mean and its Gram products are computed in gram_dtype where the
+        activations are (the GPU, say); each d x d product is then added in float64 where the statistics live,
+        with Chan's correction for the shift of the mean. One product is alive at a time, so the transient
+        memory is one d x d in gram_dtype plus its float64 copy.
+
         Args:
             x: (..., d) residual-stream input of the layer (before its input norm).
             a: (..., d) attention sub-layer output, same leading shape.
         """
         d = self.dim
-        x = x.reshape(-1, d).to(self.device)  # (m, d)
-        a = a.reshape(-1, d).to(self.device)  # (m, d)
+        x = x.reshape(-1, d)  # (m, d)
+        a = a.reshape(-1, d)  # (m, d)
         m = x.shape[0]
         if m == 0:
             return
-        batch = _batch_stats(x, a)
-        self.merge_(batch)
+        cd = gram_dtype(x.dtype)
+        mu_xb = x.mean(0, dtype=torch.float64)  # (d,)
+        mu_ab = a.mean(0, dtype=torch.float64)  # (d,)
+        xc = x.to(cd) - mu_xb.to(cd)  # (m, d) centred on the batch mean: no cancellation below
+        ac = a.to(cd) - mu_ab.to(cd)  # (m, d)
+        n1, n = self.n, self.n + m
+        dx = mu_xb.to(self.device) - self.mu_x  # (d,)
+        da = mu_ab.to(self.device) - self.mu_a  # (d,)
+        w = n1 * m / n
+        with full_fp32_matmul():
+            for name, left, right, dl, dr in (("m_xx", xc, xc, dx, dx), ("m_ax", ac, xc, da, dx),
+                                              ("m_aa", ac, ac, da, da)):
+                acc = getattr(self, name)
+                acc += (left.T @ right).to(self.device, torch.float64)  # (d, d)
+                if n1:
+                    acc.addr_(dl, dr, alpha=w)
+        self.mu_x += dx * (m / n)
+        self.mu_a += da * (m / n)
+        self.n = n
+        cos_sum, ratio_sum = _cos_ratio_sums(x.to(cd), a.to(cd))
+        self.cos_sum += cos_sum
+        self.ratio_sum += ratio_sum
 
     def merge_(self, other: "LayerStats") -> None:
         """Chan's pairwise update: self <- self (+) other, in place (float64)."""
@@ -95,9 +136,10 @@ class LayerStats:
         dx = other.mu_x.to(self.device) - self.mu_x  # (d,)
         da = other.mu_a.to(self.device) - self.mu_a  # (d,)
         w = n1 * n2 / n
-        self.m_xx += other.m_xx.to(self.device) + torch.outer(dx, dx) * w
-        self.m_ax += other.m_ax.to(self.device) + torch.outer(da, dx) * w
-        self.m_aa += other.m_aa.to(self.device) + torch.outer(da, da) * w
+        for name, dl, dr in (("m_xx", dx, dx), ("m_ax", da, dx), ("m_aa", da, da)):
+            acc = getattr(self, name)
+            acc += getattr(other, name).to(self.device)
+            acc.addr_(dl, dr, alpha=w)
         self.mu_x += dx * (n2 / n)
         self.mu_a += da * (n2 / n)
         self.n = n
@@ -143,25 +185,11 @@ class LayerStats:
         return cls.from_numpy(load_file(str(path)), device=device)
 
 
-@torch.no_grad()
-def _batch_stats(x: torch.Tensor, a: torch.Tensor) -> LayerStats:
-    """Statistics of one batch: centred on the batch's own mean, Gram products in gram_dtype, result float64.
-
-    Centring first matters: residual streams have channels whose mean is orders of magnitude above their
-    spread, and `sum x x^T - n mu mu^T` in float32 would cancel those catastrophically.
-    """
-    cd = gram_dtype(x.dtype)
-    m = x.shape[0]
-    mu_x = x.mean(0, dtype=torch.float64)  # (d,)
-    mu_a = a.mean(0, dtype=torch.float64)  # (d,)
-    xc = x.to(cd) - mu_x.to(cd)  # (m, d)
-    ac = a.to(cd) - mu_a.to(cd)  # (m, d)
-    m_xx = (xc.T @ xc).double()  # (d, d)
-    m_ax = (ac.T @ xc).double()  # (d, d)
-    m_aa = (ac.T @ ac).double()  # (d, d)
-    xf, yf = x.to(cd), (x.to(cd) + a.to(cd))
-    xn = xf.norm(dim=-1)  # (m,)
-    cos = (xf * yf).sum(-1) / (xn * yf.norm(dim=-1)).clamp_min(torch.finfo(cd).tiny)
-    ratio = a.to(cd).norm(dim=-1) / xn.clamp_min(torch.finfo(cd).tiny)
-    return LayerStats(m, mu_x, mu_a, m_xx, m_ax, m_aa,
-                      cos_sum=float(cos.double().sum()), ratio_sum=float(ratio.double().sum()))
+def _cos_ratio_sums(x: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
+    """Sums over tokens of cos(x, x + a) and |a| / |x| (x, a: (m, d))."""
+    tiny = torch.finfo(x.dtype).tiny
+    y = x + a
+    xn = x.norm(dim=-1)  # (m,)
+    cos = (x * y).sum(-1) / (xn * y.norm(dim=-1)).clamp_min(tiny)
+    ratio = a.norm(dim=-1) / xn.clamp_min(tiny)
+    return float(cos.double().sum()), float(ratio.double().sum())
