@@ -163,7 +163,8 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
       activations (max_inflight + 1) micro-batches of (B, T, d) hidden states queued or produced, plus the
                   forward's working set (MLP intermediate, q/k/v/attention output, the float32 centred copies
                   of x and a) and one d x d Gram product in float32 with its float64 copy;
-      fit         5 d x d float64 (covariances, Cholesky factors, the solve) for one layer at a time;
+      fit         9 d x d float64 for one layer at a time: scoring holds 3 covariances, C_yy, both Cholesky
+                  factors and three triangular solves;
       runtime     the fixed cost of a worker process (CPU_RUNTIME_BYTES / GPU_RUNTIME_BYTES).
     """
     if replicas < 1:
@@ -187,7 +188,7 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
         params = sum(per_layer[i:j]) + (embed_params if s == 0 else 0)
         out.append(StagePlan(stage=s, start=i, end=j, embed=(s == 0), params=params, weight_bytes=params * esize,
                              stats_bytes=(j - i) * stats_per_layer, activation_bytes=queued + forward + centred,
-                             fit_workspace_bytes=5 * d * d * 8, runtime_bytes=runtime,
+                             fit_workspace_bytes=9 * d * d * 8, runtime_bytes=runtime,
                              stats_on_device=stats_on_device))
     return ShardPlan(model_type=config.model_type, num_layers=len(per_layer), hidden_size=d, total_params=total,
                      dtype=str(dtype).removeprefix("torch."), stages=tuple(out), replicas=replicas, device=device)

@@ -56,3 +56,35 @@ def train_tokenizer(texts: list[str], vocab_size: int = 320, eos_token: str = "<
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos_token, pad_token="<pad>")
+
+
+def write_random_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0,
+                            std: float = 0.02, tokenizer=None) -> Path:
+    """A random checkpoint of any size, written one tensor at a time (never the whole model in memory).
+
+    Shapes come from the meta-device model; linear weights are N(0, std^2), norm weights 1 (as a real model's
+    init), so activations stay finite through many layers.
+    """
+    from nbl_dist.arch import meta_model
+    from nbl_dist.checkpoint import write_safetensors_streaming
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = meta_model(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    gen = torch.Generator().manual_seed(seed)
+
+    def produce(name, shape):
+        def make():
+            if name.endswith("norm.weight"):
+                return torch.ones(shape, dtype=dtype)
+            return (torch.randn(shape, generator=gen) * std).to(dtype)
+        return make
+
+    sources = [(n, dtype, tuple(p.shape), produce(n, tuple(p.shape)))
+               for n, p in model.state_dict().items() if n not in tied]
+    write_safetensors_streaming(out_dir / "model.safetensors", sources)
+    config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
