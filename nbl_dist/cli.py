@@ -39,6 +39,11 @@ def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> 
     p.add_argument("--stats-device", choices=("auto", "device", "cpu"),
                    help="where statistics live: the actor's device, host memory, or auto (default)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
+    p.add_argument("--checkpoint-dir", help="where actors checkpoint statistics (default: .OUT.ckpt beside --out)")
+    p.add_argument("--checkpoint-every", type=int, help="micro-batches between checkpoints (default 20)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="resume from the checkpoint (rerunning the same command resumes anyway)")
+    p.add_argument("--max-restarts", type=int, help="actor deaths survived before giving up (default 3)")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG plot")
 
 

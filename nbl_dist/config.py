@@ -43,6 +43,10 @@ class CalibrationConfig:
     device_memory: str | None = None  # per actor, e.g. "80GiB"; default: the GPU's, or host RAM / actors
     host_memory: str | None = None  # per actor, for statistics kept on the host
     stats_device: str = "auto"  # auto | device | cpu
+    checkpoint_dir: str | None = None  # default: .<out>.ckpt beside --out (the output folder stays atomic)
+    checkpoint_every: int = 20  # micro-batches between an actor's checkpoints (0: only at the end)
+    resume: bool = False  # require a checkpoint to resume from (a matching one is used anyway)
+    max_restarts: int = 3
 
     def validate(self) -> "CalibrationConfig":
         def bad(msg):

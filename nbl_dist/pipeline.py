@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from nbl_dist.checkpoint import torch_dtype, weight_map
 from nbl_dist.config import CalibrationConfig
-from nbl_dist.errors import ConfigError, PlanError
+from nbl_dist.errors import CheckpointError, ConfigError, PlanError
 from nbl_dist.linalg import LayerScores
 from nbl_dist.linearized import atomic_replace_dir, write_linearized
 from nbl_dist.plan import ShardPlan, check_memory, fmt_bytes, parse_bytes
@@ -107,25 +111,67 @@ def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: 
     return check.plan
 
 
-def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str):
+def run_fingerprint(cfg: CalibrationConfig, blocks: torch.Tensor, dtype: torch.dtype) -> str:
+    """Identifies what a checkpoint's statistics depend on: the model, the exact token blocks, and the options
+    that change what each actor accumulates."""
+    h = hashlib.sha256()
+    model = Path(cfg.model)
+    h.update((model / "config.json").read_bytes())
+    for name, fname in sorted(weight_map(model).items()):
+        h.update(f"{name}:{fname}:{(model / fname).stat().st_size};".encode())
+    h.update(blocks.numpy().tobytes())
+    h.update(json.dumps([list(blocks.shape), cfg.stages, cfg.replicas, cfg.batch_size, str(dtype)]).encode())
+    return h.hexdigest()[:32]
+
+
+def checkpoint_folder(cfg: CalibrationConfig, final: Path, fingerprint: str, log) -> tuple[Path, bool]:
+    """(folder, restore): the run's checkpoint folder, and whether it holds a matching run to resume."""
+    folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else final.parent / f".{final.name}.ckpt"
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"{folder} holds a checkpoint of a different run (model, token blocks, stages, replicas, batch "
+                f"size or dtype differ: {saved.get('options')}); delete it, or pass another --checkpoint-dir")
+        log(f"Resuming from the checkpoint in {folder}")
+        return folder, True
+    if cfg.resume:
+        raise CheckpointError(f"--resume: there is no checkpoint in {folder} to resume from")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "model": cfg.model, "options": {
+        k: getattr(cfg, k) for k in ("data", "samples", "seq_len", "seed", "stages", "replicas", "batch_size",
+                                     "dtype")}}, indent=2))
+    os.replace(tmp, manifest)
+    return folder, False
+
+
+def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str,
+                 checkpoint: tuple[Path, bool] | None = None, fingerprint: str = ""):
     if cfg.backend == "in-process":
         from nbl_dist.local import InProcessBackend
 
         return InProcessBackend(cfg.model, dtype, device)
     from nbl_dist.ray_backend import RayBackend
 
+    folder, restore = checkpoint if checkpoint else (None, False)
     return RayBackend(cfg.model, plan, dtype, device=device, address=cfg.address, placement=cfg.placement,
                       cpus_per_actor=cfg.cpus_per_actor, max_inflight=cfg.max_inflight,
-                      stats_device=None if plan.stages[0].stats_on_device else "cpu")
+                      stats_device=None if plan.stages[0].stats_on_device else "cpu",
+                      checkpoint_dir=str(folder) if folder else None, checkpoint_every=cfg.checkpoint_every,
+                      restore=restore, fingerprint=fingerprint, max_restarts=cfg.max_restarts)
 
 
-def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=print) -> dict:
+def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=print,
+              on_progress: Callable[[int], None] | None = None) -> dict:
     """Run the whole calibration described by cfg and write cfg.out. Returns the report.
 
     Args:
         cfg: the validated config.
         blocks: (N, T) token ids to use instead of reading cfg.data (tests, notebooks).
         log: where progress text goes.
+        on_progress: called with the token count of every finished micro-batch (a UI, a test's interrupt).
     """
     cfg.validate()
     t_start = time.perf_counter()
@@ -153,14 +199,23 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     t_data = time.perf_counter()
 
     plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
-    backend = make_backend(cfg, plan, dtype, device)
+    fingerprint = run_fingerprint(cfg, blocks, dtype)
+    ckpt = checkpoint_folder(cfg, final, fingerprint, log) if cfg.backend == "ray" else None
+    backend = make_backend(cfg, plan, dtype, device, ckpt, fingerprint)
     try:
         log("Placement:")
         for p in backend.placement:
             log(f"  replica {p['replica']} stage {p['stage']}: layers {p['layers'][0]}-{p['layers'][1] - 1} "
                 f"on node {str(p['node'])[:12]} ({p['device']})")
         t_ready = time.perf_counter()
-        stream_info = backend.stream(blocks, cfg.batch_size, Progress(int(blocks.numel())))
+        bar = Progress(int(blocks.numel()))
+
+        def progress(tokens: int) -> None:
+            bar(tokens)
+            if on_progress:
+                on_progress(tokens)
+
+        stream_info = backend.stream(blocks, cfg.batch_size, progress)
         t_stream = time.perf_counter()
         backend.reduce()
         t_reduce = time.perf_counter()
@@ -193,6 +248,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
                     "write": t_write - t_fit, "total": t_write - t_start,
                     "tokens_per_s": blocks.numel() / max(t_stream - t_ready, 1e-9), **{
                         k: v for k, v in stream_info.items() if k.endswith("_s")}},
+        "recovery": {k: stream_info.get(k, 0) for k in ("restored_batches", "replayed_batches", "actor_restarts")},
         "workers": workers,
         "placement": [{k: v for k, v in p.items() if k != "keys"} for p in backend.placement],
         "plan": plan.to_dict(),
@@ -206,6 +262,8 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     if cfg.plot:
         plot_bounds(report, tmp / PLOT_NAME)
     atomic_replace_dir(tmp, final)
+    if ckpt is not None:
+        shutil.rmtree(ckpt[0], ignore_errors=True)  # the run is complete: nothing left to resume
     log(f"Linearized layers {selected} (by {cfg.rank_by}); wrote {final} "
         f"({fmt_bytes(write_info['removed_bytes'] - write_info['added_bytes'])} smaller) "
         f"in {report['timings']['total']:.1f} s, {report['timings']['tokens_per_s']:,.0f} tok/s streaming")
@@ -216,5 +274,6 @@ def calibrate_api(model: str, out: str, **options) -> dict:
     """nbl_dist.calibrate(model=..., out=..., data=..., linearize=..., ...): the Python entry point."""
     blocks = options.pop("blocks", None)
     log = options.pop("log", lambda *a: print(*a, file=sys.stderr))
+    on_progress = options.pop("on_progress", None)
     cfg = CalibrationConfig.from_dict({"model": str(model), "out": str(out), **options})
-    return calibrate(cfg, blocks=blocks, log=log)
+    return calibrate(cfg, blocks=blocks, log=log, on_progress=on_progress)

@@ -23,12 +23,22 @@ class RayStartError(NBLError):
     pass
 
 
+class WorkerLostError(NBLError):
+    pass
+
+
+def pending_any(pending: dict) -> bool:
+    return any(pending.values())
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Join the cluster at `address`, or start a local Ray in this process. Returns True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
+    if address and address not in ("auto", "local") and not address.startswith("ray://"):
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -40,6 +50,20 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
             "(with RAY_AUTH_MODE=disabled for a local test cluster) or leave --address out to run locally"
         ) from e
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at host:port (Ray itself retries for a long time)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        raise RayStartError(
+            f"--address {address!r} does not answer ({e}); check the head node's address and port "
+            "(`ray start --head` prints it), or leave --address out to run on a local Ray") from e
 
 
 class RayBackend:
@@ -54,6 +78,10 @@ class RayBackend:
         cpus_per_actor: CPUs reserved per actor (default: what the cluster has, shared out).
         max_inflight: micro-batches in flight per replica.
         stats_device: where actors keep statistics (None: on their device; "cpu": host memory).
+        checkpoint_dir, checkpoint_every: each actor saves its statistics there every so many micro-batches.
+        restore: actors start from their checkpoints (resume).
+        fingerprint: identifies the run; a checkpoint with another is refused.
+        max_restarts: actor deaths survived before giving up.
         pg_timeout_s: how long to wait for the placement group before giving up with a clear error.
     """
 
@@ -61,7 +89,9 @@ class RayBackend:
 
     def __init__(self, model_dir: str, plan: ShardPlan, dtype: torch.dtype, device: str = "cpu",
                  address: str | None = None, placement: str = "PACK", cpus_per_actor: float | None = None,
-                 max_inflight: int = 2, pg_timeout_s: float = 120.0, stats_device: str | None = None):
+                 max_inflight: int = 2, pg_timeout_s: float = 120.0, stats_device: str | None = None,
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 0, restore: bool = False,
+                 fingerprint: str = "", max_restarts: int = 3):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -85,27 +115,31 @@ class RayBackend:
                 f"{pg_timeout_s:.0f} s (cluster has {ray.cluster_resources()}). Lower --stages/--replicas, "
                 "set --cpus-per-actor, add nodes, or use --placement PACK")
 
-        remote_cls = ray.remote(ShardWorker)
-        threads = max(1, int(cpus_per_actor))
+        self._remote_cls = ray.remote(ShardWorker)
+        self._strategy = lambda r, s: PlacementGroupSchedulingStrategy(
+            placement_group=self.pg, placement_group_bundle_index=r * len(plan.stages) + s)
+        self._actor_kwargs = dict(dtype=str(dtype).removeprefix("torch."), device=device, stats_device=stats_device,
+                                  num_threads=max(1, int(cpus_per_actor)), checkpoint_dir=checkpoint_dir,
+                                  checkpoint_every=checkpoint_every, fingerprint=fingerprint)
+        self._options = dict(num_cpus=cpus_per_actor, num_gpus=gpus, max_concurrency=1)
+        self.model_dir, self.max_restarts, self.checkpoint_dir = str(model_dir), max_restarts, checkpoint_dir
+        self.restarts = self.replayed = 0
         self.actors: list[list] = []  # [replica][stage]
         t0 = time.perf_counter()
         try:
-            for r in range(plan.replicas):
-                row = []
-                for s in plan.stages:
-                    strategy = PlacementGroupSchedulingStrategy(
-                        placement_group=self.pg, placement_group_bundle_index=r * len(plan.stages) + s.stage)
-                    row.append(remote_cls.options(num_cpus=cpus_per_actor, num_gpus=gpus,
-                                                  scheduling_strategy=strategy, max_concurrency=1).remote(
-                        str(model_dir), s.start, s.end, embed=s.embed, dtype=str(dtype).removeprefix("torch."),
-                        device=device, stats_device=stats_device, replica=r, stage=s.stage,
-                        num_threads=threads))
-                self.actors.append(row)
+            self.actors = [[self._make_actor(r, s.stage, restore) for s in plan.stages]
+                           for r in range(plan.replicas)]
             self.placement = ray.get([a.info.remote() for row in self.actors for a in row])
         except Exception:
             self.close()
             raise
         self.startup_s = time.perf_counter() - t0
+
+    def _make_actor(self, r: int, s: int, restore: bool):
+        st = self.plan.stages[s]
+        return self._remote_cls.options(scheduling_strategy=self._strategy(r, s), **self._options).remote(
+            self.model_dir, st.start, st.end, embed=st.embed, replica=r, stage=s, restore=restore,
+            **self._actor_kwargs)
 
     # ------------------------------------------------------------------ streaming
     def stream(self, blocks: torch.Tensor, batch_size: int,
@@ -113,35 +147,97 @@ class RayBackend:
         """Push every micro-batch through its replica's chain. blocks: (N, T) token ids.
 
         Micro-batch k goes to replica k % R (disjoint shares); each replica keeps at most max_inflight
-        micro-batches in its chain, waiting with ray.wait for the oldest before sending more.
+        micro-batches in its chain, waiting with ray.wait before sending more. A micro-batch that every stage
+        of its replica already holds (restored from a checkpoint) is skipped. When an actor dies, it is
+        recreated in its bundle from its checkpoint, and only the micro-batches some stage of that replica
+        lacks are sent again (stages that have one already forward it without counting it twice).
         """
         ray = self._ray
+        from ray.exceptions import RayActorError, RayTaskError
+
         arr = blocks.numpy().astype(np.int64)
-        inflight: list[list] = [[] for _ in self.actors]
-        wait_s = 0.0
-        t0 = time.perf_counter()
+        n_batches = -(-arr.shape[0] // batch_size)
+        R = len(self.actors)
+        share = {r: [k for k in range(n_batches) if k % R == r] for r in range(R)}
+        pending = {r: self._missing(r, share[r]) for r in range(R)}
+        restored = sum(len(share[r]) - len(pending[r]) for r in range(R))
+        counted: set[int] = {k for r in range(R) for k in share[r] if k not in pending[r]}
+        inflight: dict = {}  # ref -> (replica, batch id)
+        wait_s, t0 = 0.0, time.perf_counter()
 
-        def drain(r: int, keep: int):
-            nonlocal wait_s
-            while len(inflight[r]) > keep:
-                tw = time.perf_counter()
-                done, inflight[r] = ray.wait(inflight[r], num_returns=1)
-                wait_s += time.perf_counter() - tw
-                for receipt in ray.get(done):
-                    if progress:
-                        progress(receipt["tokens"])
+        def submit(r: int, k: int):
+            ref = arr[k * batch_size:(k + 1) * batch_size]
+            for s, actor in enumerate(self.actors[r]):
+                ref = actor.run_batch.remote(ref, last=(s == len(self.actors[r]) - 1), batch_id=k)
+            inflight[ref] = (r, k)
 
-        for k, start in enumerate(range(0, arr.shape[0], batch_size)):
-            r = k % len(self.actors)
-            drain(r, self.max_inflight - 1)
-            ref = arr[start:start + batch_size]
-            chain = self.actors[r]
-            for s, actor in enumerate(chain):
-                ref = actor.run_batch.remote(ref, last=(s == len(chain) - 1), batch_id=k)
-            inflight[r].append(ref)
-        for r in range(len(self.actors)):
-            drain(r, 0)
-        return {"tokens": int(blocks.numel()), "driver_wait_s": wait_s, "stream_s": time.perf_counter() - t0}
+        while pending_any(pending) or inflight:
+            for r in range(R):
+                while pending[r] and sum(1 for v in inflight.values() if v[0] == r) < self.max_inflight:
+                    submit(r, pending[r].pop(0))
+            tw = time.perf_counter()
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            wait_s += time.perf_counter() - tw
+            for ref in done:
+                r, k = inflight.pop(ref)
+                try:
+                    receipt = ray.get(ref)
+                except RayActorError:  # also a downstream task whose input's actor died (it is both kinds)
+                    self._recover(r, share[r], inflight, pending)
+                    continue
+                except RayTaskError as e:
+                    if isinstance(e.cause, NBLError):
+                        raise e.cause from None
+                    raise
+                if progress and k not in counted:
+                    progress(receipt["tokens"])
+                counted.add(k)
+        self._verify(share)
+        if self.checkpoint_dir:
+            ray.get([a.checkpoint.remote() for row in self.actors for a in row])
+        return {"tokens": int(blocks.numel()), "driver_wait_s": wait_s, "stream_s": time.perf_counter() - t0,
+                "restored_batches": restored, "replayed_batches": self.replayed, "actor_restarts": self.restarts}
+
+    def _missing(self, r: int, share: list[int]) -> list[int]:
+        """Micro-batches of replica r that some stage of it does not hold yet, in order."""
+        done = [set(d) for d in self._ray.get([a.done_batches.remote() for a in self.actors[r]])]
+        return [k for k in share if any(k not in d for d in done)]
+
+    def _recover(self, r: int, share: list[int], inflight: dict, pending: dict) -> None:
+        """An actor of replica r died: drain the replica, recreate its dead actors from their checkpoints, and
+        queue again what any of its stages lacks."""
+        ray = self._ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            saved = f"statistics checkpointed in {self.checkpoint_dir}" if self.checkpoint_dir else \
+                "no checkpoint directory was set"
+            raise WorkerLostError(
+                f"actors died {self.restarts} times (limit {self.max_restarts}); {saved}. Fix the cause "
+                "(memory? a lost node?) and rerun the same command to resume from the checkpoint")
+        mine = [ref for ref, (rr, _) in inflight.items() if rr == r]
+        for ref in mine:
+            inflight.pop(ref)
+        ray.wait(mine, num_returns=len(mine), timeout=60)
+        for s, actor in enumerate(self.actors[r]):
+            try:
+                ray.get(actor.pid.remote(), timeout=60)
+            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
+                ray.kill(actor)
+                self.actors[r][s] = self._make_actor(r, s, restore=True)
+        submitted = [k for k in share if k not in pending[r]]
+        again = self._missing(r, submitted)
+        self.replayed += len(again)
+        pending[r] = again + pending[r]
+
+    def _verify(self, share: dict[int, list[int]]) -> None:
+        """Every actor holds exactly its replica's micro-batches, each once."""
+        for r, row in enumerate(self.actors):
+            for s, done in enumerate(self._ray.get([a.done_batches.remote() for a in row])):
+                if sorted(done) != share[r]:
+                    raise NBLError(f"replica {r} stage {s} holds micro-batches {done[:8]}..., expected "
+                                   f"{share[r][:8]}...: the statistics would be wrong; please report this")
 
     def reduce(self) -> None:
         """Merge every replica's statistics into replica 0's actors, actor to actor (Chan's update)."""

@@ -8,6 +8,8 @@ store); bf16 travels as its raw 16-bit pattern, since numpy has no bfloat16.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import resource
 import socket
@@ -21,6 +23,7 @@ import torch
 from nbl_dist.arch import adapter_for, build_rotary, meta_model
 from nbl_dist.capture import capture_stats
 from nbl_dist.checkpoint import load_tensors, torch_dtype, weight_map
+from nbl_dist.errors import CheckpointError
 from nbl_dist.linalg import LinearFit, layer_scores, lmmse_fit
 from nbl_dist.stats import LayerStats
 
@@ -61,11 +64,16 @@ class ShardWorker:
         stats_device: where the float64 statistics live (default: device).
         replica, stage: this worker's coordinates, for the report.
         num_threads: torch intra-op threads (match the CPUs reserved for the actor).
+        checkpoint_dir: where this worker saves its statistics and the ids of the micro-batches they hold.
+        checkpoint_every: save after this many newly accumulated micro-batches (0: only when asked).
+        restore: start from this worker's checkpoint in checkpoint_dir, if there is one.
+        fingerprint: written into the checkpoint and checked on restore (model, data, options).
     """
 
     def __init__(self, model_dir: str, start: int, end: int, *, embed: bool, dtype: str = "float32",
                  device: str = "cpu", stats_device: str | None = None, replica: int = 0, stage: int = 0,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                 restore: bool = False, fingerprint: str = ""):
         from transformers import AutoConfig
 
         t0 = time.perf_counter()
@@ -111,6 +119,15 @@ class ShardWorker:
         self.bytes_out = 0
         self.batches_done = 0
         self._last_return = None
+        # Micro-batch ids whose activations are in self.stats: a replayed id is forwarded, not counted again.
+        self.done: set[int] = set()
+        self.replayed_forward = 0
+        self.fingerprint = fingerprint
+        self.checkpoint_every = checkpoint_every
+        self._since_checkpoint = 0
+        self.checkpoint_path = (Path(checkpoint_dir) / f"replica{replica:03d}_stage{stage:03d}.safetensors"
+                                if checkpoint_dir else None)
+        self.restored_batches = self._restore() if restore else 0
 
     # ------------------------------------------------------------------ phases
     def info(self) -> dict:
@@ -148,10 +165,18 @@ class ShardWorker:
         pos = torch.arange(t, device=self.device).unsqueeze(0)  # (1, T)
         cos_sin = self.rotary(h, pos)
         timer = {"statistics": 0.0}
-        with capture_stats(self.layers, self.stats, self.adapter, tag=f" (micro-batch {batch_id})", timer=timer):
+        fresh = batch_id < 0 or batch_id not in self.done
+        capture = capture_stats(self.layers, self.stats, self.adapter, tag=f" (micro-batch {batch_id})",
+                                timer=timer) if fresh else contextlib.nullcontext()
+        with capture:
             for i in range(self.start, self.end):
                 h = self.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
                                    use_cache=False)
+        if fresh and batch_id >= 0:
+            self.done.add(batch_id)
+            self._since_checkpoint += 1
+        else:
+            self.replayed_forward += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         spent = time.perf_counter() - now
@@ -164,8 +189,53 @@ class ShardWorker:
         else:
             out = to_wire(h)
             self.bytes_out += out["data"].nbytes
+        if self.checkpoint_every and self._since_checkpoint >= self.checkpoint_every:
+            self.checkpoint()
         self._last_return = time.perf_counter()
         return out
+
+    def done_batches(self) -> list[int]:
+        return sorted(self.done)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> str | None:
+        """Save statistics and done ids in one file, atomically (temp file, fsync, rename)."""
+        if self.checkpoint_path is None:
+            return None
+        from safetensors.numpy import save_file
+
+        arrays = {f"layer{i}.{k}": np.ascontiguousarray(v) for i, s in self.stats.items()
+                  for k, v in s.to_numpy().items()}
+        meta = {"done": json.dumps(sorted(self.done)), "layers": f"{self.start},{self.end}",
+                "fingerprint": self.fingerprint}
+        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
+        save_file(arrays, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.checkpoint_path)
+        self._since_checkpoint = 0
+        return str(self.checkpoint_path)
+
+    def _restore(self) -> int:
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return 0
+        from safetensors import safe_open
+
+        with safe_open(str(self.checkpoint_path), framework="numpy") as f:
+            meta = f.metadata()
+            if meta.get("fingerprint") != self.fingerprint or meta.get("layers") != f"{self.start},{self.end}":
+                raise CheckpointError(
+                    f"{self.checkpoint_path} was saved by a different run (model, data, options or shard "
+                    "layout differ); delete the checkpoint folder or use another --checkpoint-dir")
+            for i in self.stats:
+                arrays = {k: f.get_tensor(f"layer{i}.{k}") for k in ("mu_x", "mu_a", "m_xx", "m_ax", "m_aa",
+                                                                      "scalars")}
+                self.stats[i] = LayerStats.from_numpy(arrays, device=self.stats_device)
+        self.done = set(json.loads(meta["done"]))
+        return len(self.done)
 
     def export_stats(self) -> dict[int, dict[str, np.ndarray]]:
         """This shard's statistics as numpy (for a merge on another actor, through the object store)."""
@@ -196,18 +266,8 @@ class ShardWorker:
         """Timings, bytes and peak memory of this worker."""
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         out = {"replica": self.replica, "stage": self.stage, "timings": dict(self.timings),
-               "bytes_out": self.bytes_out, "batches": self.batches_done, "peak_rss_bytes": peak_rss}
+               "bytes_out": self.bytes_out, "batches": self.batches_done, "peak_rss_bytes": peak_rss,
+               "restored_batches": self.restored_batches, "replayed_forward": self.replayed_forward}
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out
-
-    def save_stats(self, folder: str) -> list[str]:
-        """Write each layer's statistics atomically (temp file, fsync in the writer, rename)."""
-        paths = []
-        for i, s in self.stats.items():
-            final = Path(folder) / f"layer{i:04d}.stats.safetensors"
-            tmp = final.with_suffix(".tmp")
-            s.save(tmp)
-            os.replace(tmp, final)
-            paths.append(str(final))
-        return paths

@@ -1,0 +1,166 @@
+"""Reliability: an actor killed mid-stream, a driver interrupted and resumed, refused checkpoints, bad addresses,
+non-finite activations, and the statistics merge under any split and order (hypothesis)."""
+
+import hashlib
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from nbl_dist import calibrate, synthetic
+from nbl_dist.errors import CheckpointError, NonFiniteActivationError
+from nbl_dist.ray_backend import RayStartError
+from nbl_dist.stats import LayerStats
+from tests.test_stats import assert_matches, correlated_data
+
+
+def quiet(**kw):
+    return dict(batch_size=1, linearize=2, dtype="float64", log=lambda *a: None, **kw)
+
+
+def tree_hash(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def assert_same_result(a_dir, a_rep, b_dir, b_rep, tol=1e-9):
+    assert a_rep["selected_layers"] == b_rep["selected_layers"]
+    for x, y in zip(a_rep["layers"], b_rep["layers"]):
+        assert x["cca_bound"] == pytest.approx(y["cca_bound"], rel=tol)
+    got, want = load_file(str(a_dir / "model-nbl.safetensors")), load_file(str(b_dir / "model-nbl.safetensors"))
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= tol * want[k].abs().max()
+
+
+def test_unreachable_address_fails_fast(make_model_dir, tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()
+    src = make_model_dir("llama", torch.float64)
+    blocks = torch.randint(0, 320, (2, 16))
+    t0 = time.perf_counter()
+    with pytest.raises(RayStartError, match="does not answer.*ray start --head"):
+        calibrate(src, tmp_path / "o", blocks=blocks, address="127.0.0.1:1", **quiet())
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def shard_worker_pids():
+    """ShardWorker processes of this session only: the local raylet is this driver's child and the workers
+    are its children (workers of an earlier session may still be exiting, and killing one proves nothing)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any("ShardWorker" in part for part in p.cmdline()):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_actor_is_restored_and_replays_only_what_it_lost(local_ray, make_model_dir, tmp_path):
+    src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
+    before = tree_hash(src)
+    blocks = torch.randint(0, 320, (10, 32), generator=torch.Generator().manual_seed(7))
+    ref = calibrate(src, tmp_path / "ref", blocks=blocks, backend="in-process", **quiet())
+    killed = []
+
+    def kill_one(tokens):
+        if not killed and len(progress_seen) == 3:
+            pids = shard_worker_pids()
+            assert len(pids) == 2, pids  # the two stages of this run
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+        progress_seen.append(tokens)
+
+    progress_seen = []
+    rep = calibrate(src, tmp_path / "run", blocks=blocks, stages=2, checkpoint_every=1, on_progress=kill_one,
+                    **quiet())
+    assert killed and rep["recovery"]["actor_restarts"] == 1
+    # Only what the dead actor had not checkpointed is sent again: at most the in-flight window plus one.
+    assert 1 <= rep["recovery"]["replayed_batches"] <= 4
+    assert len(progress_seen) == 10  # every micro-batch counted once on the progress line
+    assert_same_result(tmp_path / "run", rep, tmp_path / "ref", ref)
+    assert tree_hash(src) == before  # the source checkpoint is never modified
+    assert not (tmp_path / ".run.ckpt").exists()  # removed once the output is complete
+
+
+@pytest.mark.slow
+def test_interrupted_driver_resumes_to_the_same_result(local_ray, make_model_dir, tmp_path):
+    src = make_model_dir("qwen2", torch.float64, num_hidden_layers=4)
+    blocks = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(8))
+    ref = calibrate(src, tmp_path / "ref", blocks=blocks, backend="in-process", **quiet())
+
+    def interrupt(tokens, seen=[]):
+        seen.append(tokens)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(src, out, blocks=blocks, stages=2, replicas=2, checkpoint_every=1, on_progress=interrupt,
+                  **quiet())
+    ckpt = tmp_path / ".run.ckpt"
+    assert not out.exists() and (ckpt / "manifest.json").exists()
+    assert len(list(ckpt.glob("replica*_stage*.safetensors"))) == 4
+    # A different run is refused, naming the fix.
+    with pytest.raises(CheckpointError, match="different run.*delete it"):
+        calibrate(src, out, blocks=blocks[:6], stages=2, replicas=2, **quiet())
+    rep = calibrate(src, out, blocks=blocks, stages=2, replicas=2, resume=True, **quiet())
+    assert rep["recovery"]["restored_batches"] >= 3
+    assert_same_result(out, rep, tmp_path / "ref", ref)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        calibrate(src, tmp_path / "other", blocks=blocks, stages=2, resume=True, **quiet())
+
+
+@pytest.mark.slow
+def test_non_finite_activations_name_layer_and_batch(local_ray, tmp_path, tokenizer):
+    cfg = synthetic.tiny_config("llama", num_hidden_layers=3)
+    model = synthetic.random_model(cfg, torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    synthetic.save_model(model, tmp_path / "nan-model", tokenizer)
+    blocks = torch.randint(0, 320, (4, 16))
+    with pytest.raises(NonFiniteActivationError, match=r"layer 2 \(micro-batch 0\).*--dtype"):
+        calibrate(tmp_path / "nan-model", tmp_path / "o", blocks=blocks, stages=2, batch_size=2, linearize=1,
+                  log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(1, 199), max_size=8, unique=True), order_seed=st.integers(0, 2**16),
+       mean_scale=st.sampled_from([0.0, 1e4]))
+def test_merge_any_split_any_order(cuts, order_seed, mean_scale):
+    d = 5
+    x, a = correlated_data(200, d, seed=11, mean_scale=mean_scale)
+    bounds = [0, *sorted(cuts), 200]
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        s = LayerStats.empty(d)
+        s.update(torch.from_numpy(x[lo:hi]), torch.from_numpy(a[lo:hi]))
+        parts.append(s)
+    rng = np.random.default_rng(order_seed)
+    while len(parts) > 1:  # merge random pairs in a random order: any tree shape
+        i, j = sorted(rng.choice(len(parts), 2, replace=False))
+        merged = parts[i].merge(parts[j]) if rng.random() < 0.5 else parts[j].merge(parts[i])
+        parts = [p for k, p in enumerate(parts) if k not in (i, j)] + [merged]
+    assert_matches(parts[0], x, a, 1e-10)
