@@ -20,6 +20,8 @@ def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> 
     g.add_argument("--linearize", type=int, help="number of attention layers to linearize")
     g.add_argument("--max-bound", type=float, help="linearize every layer whose CCA bound is at most this")
     p.add_argument("--rank-by", choices=RANK_RULES, help="layer ranking rule (default cca)")
+    p.add_argument("--score-samples", type=int,
+                   help="held-back blocks, not used for statistics, scored by --rank-by loss (default 8)")
     p.add_argument("--stages", type=int, help="pipeline stages (actors per replica, default 1)")
     p.add_argument("--replicas", type=int, help="data-parallel pipeline replicas (default 1)")
     p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 1)")
@@ -43,6 +45,9 @@ def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> 
     p.add_argument("--checkpoint-every", type=int, help="micro-batches between checkpoints (default 20)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="resume from the checkpoint (rerunning the same command resumes anyway)")
+    p.add_argument("--keep-checkpoint", action="store_true", default=None,
+                   help="keep the finished statistics, so a later run with another --rank-by or --linearize "
+                        "(same model, data, stages, replicas, batch size, dtype) skips the streaming pass")
     p.add_argument("--max-restarts", type=int, help="actor deaths survived before giving up (default 3)")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG plot")
 

@@ -46,7 +46,9 @@ class CalibrationConfig:
     checkpoint_dir: str | None = None  # default: .<out>.ckpt beside --out (the output folder stays atomic)
     checkpoint_every: int = 20  # micro-batches between an actor's checkpoints (0: only at the end)
     resume: bool = False  # require a checkpoint to resume from (a matching one is used anyway)
+    keep_checkpoint: bool = False  # keep the finished statistics: re-rank or re-select later without a pass
     max_restarts: int = 3
+    score_samples: int = 8  # held-back blocks (not used for statistics) scored by the loss rule
 
     def validate(self) -> "CalibrationConfig":
         def bad(msg):
@@ -58,8 +60,8 @@ class CalibrationConfig:
             bad(f"unknown --device {self.device!r}; use one of {', '.join(DEVICES)}")
         if self.rank_by not in RANK_RULES:
             bad(f"unknown --rank-by {self.rank_by!r}; use one of {', '.join(RANK_RULES)}")
-        if self.rank_by == "loss":
-            bad("--rank-by loss (the measured rule) is not available yet; use cca, nmse or cosine")
+        if self.rank_by == "loss" and self.score_samples < 1:
+            bad("--rank-by loss needs held-back blocks: --score-samples must be at least 1")
         if self.backend not in BACKENDS:
             bad(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.placement.upper() not in PLACEMENTS:

@@ -36,6 +36,16 @@ def shakespeare_split(root: Path) -> tuple[Path, Path]:
     return calib, held
 
 
+def pydoc_blocks(tokenizer, n: int, seq_len: int) -> torch.Tensor:
+    """Held-out text of a different kind: the Python documentation topics that ship with the standard library."""
+    from pydoc_data.topics import topics
+
+    from nbl_dist.data import make_blocks, token_stream
+
+    ids = token_stream((topics[k] for k in sorted(topics)), tokenizer, need=n * seq_len)
+    return make_blocks(ids, seq_len, n, source="pydoc_data.topics")
+
+
 def zero_fits(layers: list[int], d: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Attention-drop as a degenerate linearization: W = 0, b = 0 leaves h_mid = h."""
     return {i: (torch.zeros(d, d), torch.zeros(d)) for i in layers}
@@ -61,32 +71,36 @@ def run(out: Path, k: int, samples: int, seq_len: int, eval_blocks: int, stages:
     print(f"      model ready in {time.perf_counter() - t0:.0f} s; calibration text {calib}, held-out {held}")
 
     print(f"[2/4] calibrating with the Ray pipeline: {stages} stages, {samples} x {seq_len} tokens, K = {k}")
-    report = calibrate(model_dir, out, data=str(calib), samples=samples, seq_len=seq_len, linearize=k,
-                       stages=stages, batch_size=4, dtype="float32", device="cpu", overwrite=True,
-                       log=print)
+    ckpt = runs / f".{out.name}-statistics"
+    common = dict(data=str(calib), samples=samples, seq_len=seq_len, linearize=k, stages=stages, batch_size=4,
+                  dtype="float32", device="cpu", overwrite=True, checkpoint_dir=str(ckpt), keep_checkpoint=True)
+    report = calibrate(model_dir, out, rank_by="cca", log=print, **common)
     calib_s = report["timings"]["total"]
-    scores = [LayerScores(**{f: r[f] for f in LayerScores.__dataclass_fields__}) for r in report["layers"]]
+    # The other rules reuse the kept statistics (no second streaming pass): only ranking and fits differ.
+    print("      the same K under the other ranking rules (statistics restored from the first run's checkpoint)")
+    outs = {"cca": (out, report)}
+    for rule in ("nmse", "cosine", "loss"):
+        o = runs / f"{out.name}-{rule}"
+        outs[rule] = (o, calibrate(model_dir, o, rank_by=rule, plot=False, log=lambda *a: None, **common))
+    shutil.rmtree(ckpt, ignore_errors=True)
     nbl_layers = report["selected_layers"]
-    drop_layers = select_layers(scores, "cosine", k, None)
+    drop_layers = outs["cosine"][1]["selected_layers"]
 
     print(f"[3/4] held-out perplexity on {eval_blocks} x {seq_len} tokens of other plays")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     heldout = load_blocks(held, tokenizer, eval_blocks, seq_len)
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     linearized = load_linearized(out)
-    ppl = {"original": perplexity(original, heldout), "nbl": perplexity(linearized, heldout)}
+    ppl = {"original": perplexity(original, heldout)}
+    by_rule = {rule: {"layers": rep["selected_layers"], "perplexity": perplexity(load_linearized(o), heldout)}
+               for rule, (o, rep) in outs.items()}
+    ppl["nbl"] = by_rule["cca"]["perplexity"]
+    ppl["nbl_cosine"] = by_rule["cosine"]["perplexity"]
     d = original.config.hidden_size
     dropped = apply_linearization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
                                   zero_fits(drop_layers, d))
     ppl["attn_drop"] = perplexity(dropped, heldout)
     del dropped
-    # The same K under LLM-Drop's cosine rule, linearized instead of dropped: what the fit buys over dropping.
-    cos_out = runs / f"{out.name}-cosine"
-    cos_report = calibrate(model_dir, cos_out, data=str(calib), samples=samples, seq_len=seq_len, linearize=k,
-                           rank_by="cosine", stages=stages, batch_size=4, dtype="float32", device="cpu",
-                           overwrite=True, plot=False, log=lambda *a: None)
-    assert cos_report["selected_layers"] == drop_layers
-    ppl["nbl_cosine"] = perplexity(load_linearized(cos_out), heldout)
 
     print(f"[4/4] speed: batch 1, {prompt_len}-token prefill, 32 greedy decode steps with the KV cache, "
           "original and linearized alternating over 5 rounds")
@@ -95,7 +109,7 @@ def run(out: Path, k: int, samples: int, seq_len: int, eval_blocks: int, stages:
     s_orig, s_lin = measured["original"], measured["nbl"]
     summary = {
         "k": k, "prompt_len": prompt_len, "nbl_layers": nbl_layers, "attn_drop_layers": drop_layers,
-        "perplexity": ppl,
+        "perplexity": ppl, "by_rule": by_rule,
         "speed_original": s_orig, "speed_nbl": s_lin,
         "prefill_speedup": s_lin["prefill_tok_s"] / s_orig["prefill_tok_s"],
         "decode_speedup": s_lin["decode_tok_s"] / s_orig["decode_tok_s"],
@@ -131,6 +145,11 @@ def print_table(s: dict) -> None:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print("=" * (width + 40))
+    print(f"\nheld-out perplexity with K = {s['k']} under each ranking rule (original "
+          f"{s['perplexity']['original']:.2f}):")
+    for rule, r in s["by_rule"].items():
+        print(f"  NBL, --rank-by {rule:<7} layers {str(r['layers']):<22} {r['perplexity']:8.2f}")
+    print(f"  attention dropped (cosine rule) {str(s['attn_drop_layers']):<16} {s['perplexity']['attn_drop']:8.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,17 +9,24 @@ import torch
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token cross-entropy) over (N, T) token blocks (every position but the first predicted)."""
+def loss_sum(model, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
+    """(summed next-token cross-entropy, predicted tokens) over (N, T) token blocks."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                  reduction="sum")
-        total += float(loss)
+        total += float(loss.double())
         count += ids[:, 1:].numel()
+    return total, count
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token cross-entropy) over (N, T) token blocks (every position but the first predicted)."""
+    total, count = loss_sum(model, blocks, batch_size)
     return math.exp(total / count)
 
 

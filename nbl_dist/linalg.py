@@ -93,6 +93,7 @@ class LayerScores:
     ridge_x: float  # ridge used to factor C_xx
     ridge_y: float  # ridge used to factor C_yy
     tokens: int
+    loss_increase: float | None = None  # measured rule: next-token loss (nats/token) added by this layer alone
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -82,6 +82,27 @@ class InProcessBackend:
             self.fits[i] = lmmse_fit(self.stats[i], ridge)
         return {i: self.fits[i].ridge for i in layers}
 
+    @torch.no_grad()
+    def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
+        """Mean next-token loss increase on held-back blocks with each layer alone linearized (fits needed)."""
+        from nbl_dist.evaluate import loss_sum
+        from nbl_dist.linearized import linearize_layer
+
+        layers = self.adapter.layers(self.model)
+        base, tokens = loss_sum(self.model, score_blocks, batch_size)
+        out = {}
+        for i, fit in sorted(self.fits.items()):
+            original = layers[i]
+            new = linearize_layer(original, i, self.model.config.hidden_size)
+            new.nbl_linear.weight.copy_(fit.weight)
+            new.nbl_linear.bias.copy_(fit.bias)
+            layers[i] = new
+            try:
+                out[i] = (loss_sum(self.model, score_blocks, batch_size)[0] - base) / tokens
+            finally:
+                layers[i] = original
+        return out
+
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.fits.pop(layer)
         return f.weight.cpu(), f.bias.cpu()

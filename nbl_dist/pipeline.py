@@ -28,6 +28,7 @@ RANK_KEYS = {
     "cca": lambda s: s.cca_bound,
     "nmse": lambda s: s.nmse,
     "cosine": lambda s: -s.cosine,  # LLM-Drop: the attention whose output changes the stream least goes first
+    "loss": lambda s: s.loss_increase,  # measured: the layer whose linearization costs least loss goes first
 }
 
 
@@ -42,6 +43,14 @@ def select_layers(scores: list[LayerScores], rank_by: str, linearize: int | None
     else:
         chosen = [s for s in ranked if s.cca_bound <= max_bound]
     return sorted(s.layer for s in chosen)
+
+
+def split_held_back(blocks: torch.Tensor, held: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistics blocks, held-back blocks): the last `held` blocks never reach the statistics."""
+    if held and held >= blocks.shape[0]:
+        raise ConfigError(f"--score-samples {held} leaves no blocks for the statistics ({blocks.shape[0]} given)")
+    n = blocks.shape[0] - held
+    return blocks[:n], blocks[n:]
 
 
 def resolve_device(device: str) -> str:
@@ -195,7 +204,9 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         from nbl_dist.data import load_blocks
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        blocks = load_blocks(cfg.data, tokenizer, cfg.samples, cfg.seq_len, cfg.seed, cfg.text_column)
+        held = cfg.score_samples if cfg.rank_by == "loss" else 0
+        blocks = load_blocks(cfg.data, tokenizer, cfg.samples + held, cfg.seq_len, cfg.seed, cfg.text_column)
+    blocks, score_blocks = split_held_back(blocks, cfg.score_samples if cfg.rank_by == "loss" else 0)
     t_data = time.perf_counter()
 
     plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
@@ -220,9 +231,15 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         backend.reduce()
         t_reduce = time.perf_counter()
         scores = backend.scores(cfg.ridge)
-        selected = select_layers(scores, cfg.rank_by, cfg.linearize, cfg.max_bound)
         t_rank = time.perf_counter()
-        ridges = backend.fit(selected, cfg.ridge)
+        if cfg.rank_by == "loss":  # every layer is a candidate: fit all, measure each alone, keep the best
+            ridges = backend.fit([s.layer for s in scores], cfg.ridge)
+            losses = backend.loss_scores(score_blocks, cfg.batch_size)
+            scores = [dataclasses.replace(s, loss_increase=losses[s.layer]) for s in scores]
+            selected = select_layers(scores, cfg.rank_by, cfg.linearize, cfg.max_bound)
+        else:
+            selected = select_layers(scores, cfg.rank_by, cfg.linearize, cfg.max_bound)
+            ridges = backend.fit(selected, cfg.ridge)
         t_fit = time.perf_counter()
         nbl_meta = {"rank_by": cfg.rank_by, "tokens": int(blocks.numel()), "tool": "nbl-dist"}
         write_info = write_linearized(cfg.model, tmp, selected, backend.get_fit, nbl_meta=nbl_meta)
@@ -239,6 +256,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         "num_layers": n_layers,
         "hidden_size": hf_config.hidden_size,
         "tokens": int(blocks.numel()),
+        "score_tokens": int(score_blocks.numel()),
         "selected_layers": selected,
         "rank_by": cfg.rank_by,
         "layers": [{**s.to_dict(), "selected": s.layer in selected, "fit_ridge": ridges.get(s.layer)}
@@ -262,7 +280,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     if cfg.plot:
         plot_bounds(report, tmp / PLOT_NAME)
     atomic_replace_dir(tmp, final)
-    if ckpt is not None:
+    if ckpt is not None and not cfg.keep_checkpoint:
         shutil.rmtree(ckpt[0], ignore_errors=True)  # the run is complete: nothing left to resume
     log(f"Linearized layers {selected} (by {cfg.rank_by}); wrote {final} "
         f"({fmt_bytes(write_info['removed_bytes'] - write_info['added_bytes'])} smaller) "

@@ -274,6 +274,55 @@ class RayBackend:
             ridges.update(part)
         return ridges
 
+    def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
+        """The measured rule: mean next-token loss increase on held-back blocks when each layer alone is
+        linearized with its fitted map (the fits must exist: call fit(all layers) first).
+
+        Every replica first runs the held-back blocks once, each stage caching its input; a candidate then
+        restarts at its own stage (upstream activations are the same for every candidate downstream of them).
+        Candidates go round-robin to replicas; a replica r > 0 receives the map from replica 0's actor.
+        """
+        ray = self._ray
+        P, R = len(self.plan.stages), len(self.actors)
+        ids = score_blocks.numpy().astype(np.int64)
+        keys = list(range(-(-ids.shape[0] // batch_size)))
+        part = {k: ids[k * batch_size:(k + 1) * batch_size] for k in keys}
+        ray.get([row[-1].load_head.remote(self.model_dir) for row in self.actors])
+        ray.get([a.prepare_candidates.remote(s.layers) for a, s in zip(self.actors[0], self.plan.stages)])
+
+        def chain(r: int, k: int, layer: int | None, first: int):
+            ref = None
+            for s in range(first, P):
+                inp = part[k] if (layer is None and s == 0) else ref
+                ref = self.actors[r][s].score_batch.remote(
+                    k, inp=inp, layer=layer if s == first else None, ids=part[k] if s == P - 1 else None)
+            return ref
+
+        # Baseline pass on every replica: fills each stage's cache of its inputs.
+        base = ray.get([chain(r, k, None, 0) for r in range(R) for k in keys])[: len(keys)]
+        base_loss = sum(x["loss_sum"] for x in base)
+        tokens = sum(x["tokens"] for x in base)
+        layers = [i for s in self.plan.stages for i in s.layers]
+        jobs = []  # (layer, replica, ref)
+        for n, layer in enumerate(layers):
+            r = n % R
+            s = next(st.stage for st in self.plan.stages if layer in st.layers)
+            if r:
+                self.actors[r][s].set_candidate.remote(layer, self.actors[0][s].candidate_map.remote(layer))
+            jobs += [(layer, r, s, k) for k in keys]
+        results: dict[int, float] = {i: 0.0 for i in layers}
+        inflight: dict = {}
+        limit = self.max_inflight * P * R
+        while jobs or inflight:
+            while jobs and len(inflight) < limit:
+                layer, r, s, k = jobs.pop(0)
+                inflight[chain(r, k, layer, s)] = layer
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                results[inflight.pop(ref)] += ray.get(ref)["loss_sum"]
+        ray.get([a.clear_scoring.remote() for row in self.actors for a in row])
+        return {i: (results[i] - base_loss) / tokens for i in layers}
+
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = self._ray.get(self._owner(layer).get_fit.remote(layer))
         return readonly_tensor(w), readonly_tensor(b)

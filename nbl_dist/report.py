@@ -24,21 +24,32 @@ def read_report(out_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+PANELS = (("cca_bound", "CCA bound (lower: more linear)"), ("nmse", "LMMSE residual / tr(C_yy)"),
+          ("cosine", "mean cos(x, x + a) (LLM-Drop)"), ("attn_ratio", "mean |a| / |x|"),
+          ("loss_increase", "loss increase, nats/token"))
+
+
 def plot_bounds(report: dict, path: str | Path) -> Path:
+    """One panel per score (the CCA bound first), the selected layers in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = [row["layer"] for row in report["layers"]]
-    bounds = [row["cca_bound"] for row in report["layers"]]
+    rows = report["layers"]
+    panels = [(k, t) for k, t in PANELS if all(r.get(k) is not None for r in rows)]
+    layers = [r["layer"] for r in rows]
     selected = set(report["selected_layers"])
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
     colors = ["tab:red" if i in selected else "tab:blue" for i in layers]
-    ax.bar(layers, bounds, color=colors)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("CCA bound (lower = more linear)")
-    ax.set_title(f"{Path(str(report['model'])).name}: selected {sorted(selected)} (red) by {report['config']['rank_by']}")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, len(layers) * 0.25), 2.2 * len(panels)),
+                             sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes[:, 0], panels):
+        ax.bar(layers, [r[key] for r in rows], color=colors)
+        ax.set_ylabel(key)
+        ax.set_title(title, fontsize=9)
+    axes[-1, 0].set_xlabel("decoder layer")
+    fig.suptitle(f"{Path(str(report['model'])).name}: linearized {sorted(selected)} (red), "
+                 f"ranked by {report['config']['rank_by']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -46,12 +57,14 @@ def plot_bounds(report: dict, path: str | Path) -> Path:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'layer':>5} {'cca_bound':>10} {'nmse':>9} {'cosine':>8} {'attn/x':>8} {'ridge':>8} {'selected':>8}"
+    head = (f"{'layer':>5} {'cca_bound':>10} {'nmse':>9} {'cosine':>8} {'attn/x':>8} {'loss+':>9} {'ridge':>8} "
+            f"{'selected':>8}")
     lines = [f"model {report['model']}: {report['num_layers']} layers, d={report['hidden_size']}, "
              f"{report['tokens']:,} tokens; selected {report['selected_layers']} by {report['config']['rank_by']}",
              head]
     for r in report["layers"]:
+        loss = "-" if r.get("loss_increase") is None else f"{r['loss_increase']:.5f}"
         lines.append(f"{r['layer']:>5} {r['cca_bound']:>10.4f} {r['nmse']:>9.5f} {r['cosine']:>8.4f} "
-                     f"{r['attn_ratio']:>8.4f} {max(r['ridge_x'], r['ridge_y']):>8.0e} "
+                     f"{r['attn_ratio']:>8.4f} {loss:>9} {max(r['ridge_x'], r['ridge_y']):>8.0e} "
                      f"{'yes' if r['selected'] else '':>8}")
     return "\n".join(lines)

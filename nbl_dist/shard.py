@@ -114,6 +114,9 @@ class ShardWorker:
         self.stats_device = torch.device(stats_device or device)
         self.stats = {i: LayerStats.empty(d, self.stats_device) for i in mine}
         self.fits: dict[int, LinearFit] = {}
+        self.candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (W, b), forward dtype
+        self.score_cache: dict[int, torch.Tensor] = {}  # held-back block -> this stage's input
+        self.final_norm = self.lm_head = None
         self.timings = {"load": time.perf_counter() - t0, "forward": 0.0, "statistics": 0.0, "wait": 0.0,
                         "calls": 0}
         self.bytes_out = 0
@@ -156,22 +159,14 @@ class ShardWorker:
         now = time.perf_counter()
         if self._last_return is not None:
             self.timings["wait"] += now - self._last_return
-        if self.embed:
-            ids = readonly_tensor(inp).to(self.device, torch.long)  # (B, T)
-            h = self.embed_tokens(ids)  # (B, T, d)
-        else:
-            h = from_wire(inp, self.device)  # (B, T, d)
+        h = self._input(inp)  # (B, T, d)
         bsz, t = h.shape[:2]
-        pos = torch.arange(t, device=self.device).unsqueeze(0)  # (1, T)
-        cos_sin = self.rotary(h, pos)
         timer = {"statistics": 0.0}
         fresh = batch_id < 0 or batch_id not in self.done
         capture = capture_stats(self.layers, self.stats, self.adapter, tag=f" (micro-batch {batch_id})",
                                 timer=timer) if fresh else contextlib.nullcontext()
         with capture:
-            for i in range(self.start, self.end):
-                h = self.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
-                                   use_cache=False)
+            h = self._run_layers(h)
         if fresh and batch_id >= 0:
             self.done.add(batch_id)
             self._since_checkpoint += 1
@@ -193,6 +188,84 @@ class ShardWorker:
             self.checkpoint()
         self._last_return = time.perf_counter()
         return out
+
+    def _input(self, inp) -> torch.Tensor:
+        """(B, T, d) hidden states: embedded token ids on the first stage, the upstream output elsewhere."""
+        if self.embed:
+            ids = readonly_tensor(inp).to(self.device, torch.long)  # (B, T)
+            return self.embed_tokens(ids)
+        return from_wire(inp, self.device)
+
+    def _run_layers(self, h: torch.Tensor, replace: int | None = None) -> torch.Tensor:
+        """Run this shard's layers on h (B, T, d); layer `replace` uses its fitted map instead of attention."""
+        pos = torch.arange(h.shape[1], device=self.device).unsqueeze(0)  # (1, T)
+        cos_sin = self.rotary(h, pos)
+        for i in range(self.start, self.end):
+            layer = self.layers[i]
+            if i == replace:
+                w, b = self.candidates[i]
+                mid = h + h @ w.T + b  # the linearized attention sub-layer
+                h = mid + layer.mlp(layer.post_attention_layernorm(mid))
+            else:
+                h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin, use_cache=False)
+        return h
+
+    # ------------------------------------------------------------------ the measured rule (loss)
+    def load_head(self, model_dir: str) -> int:
+        """Read the final norm and lm_head (the last stage, only when the loss rule is asked for)."""
+        from torch import nn
+
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        head_key = self.adapter.embed_key if tied else self.adapter.lm_head_key
+        t, nbytes = load_tensors(model_dir, [self.adapter.final_norm_key, head_key], self.device, self.dtype)
+        self.final_norm = type(self.layers[self.start].post_attention_layernorm)(
+            self.config.hidden_size, eps=self.config.rms_norm_eps).to(self.device, self.dtype)
+        self.final_norm.weight.data = t[self.adapter.final_norm_key]
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False, device="meta")
+        self.lm_head.weight = nn.Parameter(t[head_key], requires_grad=False)
+        self.bytes_read += nbytes
+        return nbytes
+
+    def _loss(self, h: torch.Tensor, ids) -> dict:
+        """Summed next-token cross-entropy (float64) of hidden states h (B, T, d) against ids (B, T)."""
+        ids = readonly_tensor(ids).to(self.device, torch.long)
+        logits = self.lm_head(self.final_norm(h))[:, :-1]  # (B, T-1, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        return {"loss_sum": float(loss.double()), "tokens": int(ids[:, 1:].numel())}
+
+    @torch.no_grad()
+    def score_batch(self, key: int, inp=None, layer: int | None = None, ids=None):
+        """Forward of a held-back block for the loss rule; no statistics are touched.
+
+        With inp, the input is also cached under `key`, so later candidates restart here; without inp, the
+        cached input is used. `layer` (one of this shard's) runs with its fitted map. The last stage (given
+        ids) returns the summed loss; others return their output.
+        """
+        if inp is not None:
+            self.score_cache[key] = self._input(inp)
+        h = self._run_layers(self.score_cache[key], replace=layer)
+        return self._loss(h, ids) if ids is not None else to_wire(h)
+
+    def prepare_candidates(self, layers: list[int]) -> int:
+        """Keep the fitted maps of `layers` in the forward dtype on the device, for candidate passes."""
+        for i in layers:
+            f = self.fits[i]
+            self.candidates[i] = (f.weight.to(self.device, self.dtype), f.bias.to(self.device, self.dtype))
+        return len(layers)
+
+    def candidate_map(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        w, b = self.candidates[layer]
+        return to_wire(w), to_wire(b)
+
+    def set_candidate(self, layer: int, wb: tuple) -> None:
+        """Receive a candidate map fitted on another replica's actor (same layer range)."""
+        self.candidates[layer] = (from_wire(wb[0], self.device), from_wire(wb[1], self.device))
+
+    def clear_scoring(self) -> None:
+        self.score_cache.clear()
+        self.candidates.clear()
 
     def done_batches(self) -> list[int]:
         return sorted(self.done)

@@ -186,7 +186,11 @@ class LayerStats:
 
 
 def _cos_ratio_sums(x: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
-    """Sums over tokens of cos(x, x + a) and |a| / |x| (x, a: (m, d))."""
+    """Sums over tokens of cos(x, x + a) and |a| / |x| (x, a: (m, d)).
+
+    A token whose x is exactly zero (a padding embedding) has no cosine; it counts as 0, and its ratio is
+    |a| / tiny. Calibration text has no padding, so neither occurs in practice.
+    """
     tiny = torch.finfo(x.dtype).tiny
     y = x + a
     xn = x.norm(dim=-1)  # (m,)

@@ -49,6 +49,32 @@ def test_smollm2_calibrate_load_generate(smollm2, tmp_path):
     assert PPL_BAND[0] <= ppl <= PPL_BAND[1]
 
 
+def test_smollm2_cosine_rule_beats_attention_drop_at_k6(smollm2, tmp_path):
+    """NBL on the cosine rule's 6 layers has lower held-out perplexity than dropping those attentions, on other
+    plays and on unrelated English text (the standard library's pydoc topics)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nbl_dist import calibrate, load_linearized
+    from nbl_dist.data import load_blocks
+    from nbl_dist.demo import pydoc_blocks, zero_fits
+    from nbl_dist.evaluate import perplexity
+    from nbl_dist.linearized import apply_linearization
+
+    model_dir, calib, held = smollm2
+    out = tmp_path / "cos6"
+    rep = calibrate(model_dir, out, data=str(calib), samples=32, seq_len=256, linearize=6, rank_by="cosine",
+                    stages=2, batch_size=4, dtype="float32", device="cpu", log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    sets = {"plays": load_blocks(held, tok, 8, 256), "pydoc": pydoc_blocks(tok, 8, 256)}
+    nbl = load_linearized(out)
+    drop = apply_linearization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                               zero_fits(rep["selected_layers"], 576))
+    for name, blocks in sets.items():
+        p_nbl, p_drop = perplexity(nbl, blocks), perplexity(drop, blocks)
+        print(f"{name}: NBL(cosine, K=6) {p_nbl:.2f} vs attention-drop {p_drop:.2f}")
+        assert p_nbl < p_drop, name
+
+
 # Measured on the development machine (2 CPUs, float32): original 49.11, NBL on layers [25, 26] 56.66. The band
 # allows BLAS/thread round-off and a different pick of two layers, but fails on a broken fit (the attention
 # dropped outright on two layers gives ~58-63; a wrong W gives hundreds or more) or a broken loader.
