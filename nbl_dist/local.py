@@ -54,7 +54,8 @@ class InProcessBackend:
         """Run every block through the model, accumulating statistics. blocks: (N, T) token ids."""
         layers = dict(enumerate(self.adapter.layers(self.model)))
         decoder = self.adapter.decoder(self.model)
-        with capture_stats(layers, self.stats, self.adapter):
+        timer = {"statistics": 0.0}
+        with capture_stats(layers, self.stats, self.adapter, timer=timer):
             for start in range(0, blocks.shape[0], batch_size):
                 batch = blocks[start:start + batch_size].to(self.device)  # (B, T)
                 t0 = time.perf_counter()
@@ -62,6 +63,8 @@ class InProcessBackend:
                 self.timings["forward"] += time.perf_counter() - t0
                 if progress:
                     progress(batch.numel())
+        self.timings["statistics"] = timer["statistics"]
+        self.timings["forward"] -= timer["statistics"]  # the hooks ran inside the forward
         return {"tokens": int(blocks.numel()), "timings": dict(self.timings)}
 
     def reduce(self) -> None:
