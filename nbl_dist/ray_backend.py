@@ -27,6 +27,15 @@ class WorkerLostError(NBLError):
     pass
 
 
+class _RayShardWorker(ShardWorker):
+    """ShardWorker as an actor: its info also names the Ray node it runs on (ShardWorker never imports Ray)."""
+
+    def info(self) -> dict:
+        import ray
+
+        return {**super().info(), "node": ray.get_runtime_context().get_node_id()}
+
+
 def pending_any(pending: dict) -> bool:
     return any(pending.values())
 
@@ -102,8 +111,14 @@ class RayBackend:
         n = plan.num_actors
         gpus = 1 if device == "cuda" else 0
         if cpus_per_actor is None:
-            cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
-            cpus_per_actor = max(0.01, min(1.0, float(cluster_cpus) / n)) if not gpus else 1.0
+            # The cluster's CPUs shared out: the actors are all that runs, and each uses as many torch threads
+            # as CPUs it reserved (one actor on a 2-CPU machine gets both, like the in-process backend).
+            # No more than the smallest node has, so every bundle can land somewhere.
+            cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            node_cpus = [nd["Resources"].get("CPU", 0.0) for nd in ray.nodes() if nd.get("Alive")]
+            cpus_per_actor = max(0.01, min(cluster_cpus / n, min(node_cpus or [cluster_cpus])))
+            if cpus_per_actor >= 1:
+                cpus_per_actor = float(int(cpus_per_actor))  # whole CPUs: whole torch threads
         bundle = {"CPU": cpus_per_actor, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=placement.upper())
         ready, _ = ray.wait([self.pg.ready()], timeout=pg_timeout_s)
@@ -115,7 +130,7 @@ class RayBackend:
                 f"{pg_timeout_s:.0f} s (cluster has {ray.cluster_resources()}). Lower --stages/--replicas, "
                 "set --cpus-per-actor, add nodes, or use --placement PACK")
 
-        self._remote_cls = ray.remote(ShardWorker)
+        self._remote_cls = ray.remote(_RayShardWorker)
         self._strategy = lambda r, s: PlacementGroupSchedulingStrategy(
             placement_group=self.pg, placement_group_bundle_index=r * len(plan.stages) + s)
         self._actor_kwargs = dict(dtype=str(dtype).removeprefix("torch."), device=device, stats_device=stats_device,

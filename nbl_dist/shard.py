@@ -135,15 +135,8 @@ class ShardWorker:
     # ------------------------------------------------------------------ phases
     def info(self) -> dict:
         """Where this worker runs and what it loaded (for the plan printout and the report)."""
-        node = os.environ.get("RAY_NODE_ID")
-        try:
-            import ray  # only to read the node id when running as an actor; this module does not need Ray
-
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else node
-        except ImportError:
-            pass
         return {"replica": self.replica, "stage": self.stage, "layers": [self.start, self.end],
-                "embed": self.embed, "host": socket.gethostname(), "pid": os.getpid(), "node": node,
+                "embed": self.embed, "host": socket.gethostname(), "pid": os.getpid(), "node": "local",
                 "device": str(self.device), "bytes_read": self.bytes_read, "keys": self.loaded_keys}
 
     @torch.no_grad()
