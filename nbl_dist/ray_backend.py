@@ -310,7 +310,8 @@ class RayBackend:
             for s in range(first, P):
                 inp = part[k] if (layer is None and s == 0) else ref
                 ref = self.actors[r][s].score_batch.remote(
-                    k, inp=inp, layer=layer if s == first else None, ids=part[k] if s == P - 1 else None)
+                    k, inp=inp, layer=layer if s == first else None, ids=part[k] if s == P - 1 else None,
+                    cache=layer is None)
             return ref
 
         # Baseline pass on every replica: fills each stage's cache of its inputs.

@@ -229,16 +229,19 @@ class ShardWorker:
         return {"loss_sum": float(loss.double()), "tokens": int(ids[:, 1:].numel())}
 
     @torch.no_grad()
-    def score_batch(self, key: int, inp=None, layer: int | None = None, ids=None):
+    def score_batch(self, key: int, inp=None, layer: int | None = None, ids=None, cache: bool = False):
         """Forward of a held-back block for the loss rule; no statistics are touched.
 
-        With inp, the input is also cached under `key`, so later candidates restart here; without inp, the
-        cached input is used. `layer` (one of this shard's) runs with its fitted map. The last stage (given
-        ids) returns the summed loss; others return their output.
+        Without inp, the input cached under `key` is used (a candidate restarting at this stage). With inp, that
+        input is used, and kept under `key` only when `cache` (the baseline pass): a candidate's modified
+        activations flowing downstream must never replace the baseline a later candidate restarts from.
+        `layer` (one of this shard's) runs with its fitted map. The last stage (given ids) returns the summed
+        loss; others return their output.
         """
-        if inp is not None:
-            self.score_cache[key] = self._input(inp)
-        h = self._run_layers(self.score_cache[key], replace=layer)
+        h = self.score_cache[key] if inp is None else self._input(inp)
+        if cache:
+            self.score_cache[key] = h
+        h = self._run_layers(h, replace=layer)
         return self._loss(h, ids) if ids is not None else to_wire(h)
 
     def prepare_candidates(self, layers: list[int]) -> int:
