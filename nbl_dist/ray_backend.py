@@ -40,7 +40,7 @@ def pending_any(pending: dict) -> bool:
     return any(pending.values())
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None) -> bool:
     """Join the cluster at `address`, or start a local Ray in this process. Returns True if we started it."""
     import ray
 
@@ -52,7 +52,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            ray.init(address="local", include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise RayStartError(
             f"could not reach a Ray cluster at --address {address!r}: {e}. Start one with `ray start --head` "

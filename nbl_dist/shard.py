@@ -25,6 +25,7 @@ from nbl_dist.capture import capture_stats
 from nbl_dist.checkpoint import load_tensors, torch_dtype, weight_map
 from nbl_dist.errors import CheckpointError
 from nbl_dist.linalg import LinearFit, layer_scores, lmmse_fit
+from nbl_dist.linearized import linearize_layer
 from nbl_dist.stats import LayerStats
 
 Wire = dict  # {"data": np.ndarray, "dtype": str}: activations between stages
@@ -114,7 +115,7 @@ class ShardWorker:
         self.stats_device = torch.device(stats_device or device)
         self.stats = {i: LayerStats.empty(d, self.stats_device) for i in mine}
         self.fits: dict[int, LinearFit] = {}
-        self.candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (W, b), forward dtype
+        self.candidates: dict[int, torch.nn.Module] = {}  # layer -> that layer linearized (loss rule)
         self.score_cache: dict[int, torch.Tensor] = {}  # held-back block -> this stage's input
         self.final_norm = self.lm_head = None
         self.timings = {"load": time.perf_counter() - t0, "forward": 0.0, "statistics": 0.0, "wait": 0.0,
@@ -194,13 +195,11 @@ class ShardWorker:
         pos = torch.arange(h.shape[1], device=self.device).unsqueeze(0)  # (1, T)
         cos_sin = self.rotary(h, pos)
         for i in range(self.start, self.end):
-            layer = self.layers[i]
             if i == replace:
-                w, b = self.candidates[i]
-                mid = h + h @ w.T + b  # the linearized attention sub-layer
-                h = mid + layer.mlp(layer.post_attention_layernorm(mid))
+                h = self.candidates[i](h)  # the NBLDecoderLayer a linearized checkpoint would hold
             else:
-                h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin, use_cache=False)
+                h = self.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
+                                   use_cache=False)
         return h
 
     # ------------------------------------------------------------------ the measured rule (loss)
@@ -245,19 +244,26 @@ class ShardWorker:
         return self._loss(h, ids) if ids is not None else to_wire(h)
 
     def prepare_candidates(self, layers: list[int]) -> int:
-        """Keep the fitted maps of `layers` in the forward dtype on the device, for candidate passes."""
+        """Build each of `layers` linearized with its fitted map (forward dtype, on the device), sharing the
+        layer's MLP block, for candidate passes."""
         for i in layers:
-            f = self.fits[i]
-            self.candidates[i] = (f.weight.to(self.device, self.dtype), f.bias.to(self.device, self.dtype))
+            self._set_candidate(i, self.fits[i].weight, self.fits[i].bias)
         return len(layers)
 
-    def candidate_map(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        w, b = self.candidates[layer]
-        return to_wire(w), to_wire(b)
+    @torch.no_grad()
+    def _set_candidate(self, i: int, w: torch.Tensor, b: torch.Tensor) -> None:
+        cand = linearize_layer(self.layers[i], i, self.config.hidden_size)
+        cand.nbl_linear.weight.copy_(w)
+        cand.nbl_linear.bias.copy_(b)
+        self.candidates[i] = cand
+
+    def candidate_map(self, layer: int) -> tuple[Wire, Wire]:
+        lin = self.candidates[layer].nbl_linear
+        return to_wire(lin.weight), to_wire(lin.bias)
 
     def set_candidate(self, layer: int, wb: tuple) -> None:
         """Receive a candidate map fitted on another replica's actor (same layer range)."""
-        self.candidates[layer] = (from_wire(wb[0], self.device), from_wire(wb[1], self.device))
+        self._set_candidate(layer, from_wire(wb[0], self.device), from_wire(wb[1], self.device))
 
     def clear_scoring(self) -> None:
         self.score_cache.clear()
@@ -300,8 +306,8 @@ class ShardWorker:
                     f"{self.checkpoint_path} was saved by a different run (model, data, options or shard "
                     "layout differ); delete the checkpoint folder or use another --checkpoint-dir")
             for i in self.stats:
-                arrays = {k: f.get_tensor(f"layer{i}.{k}") for k in ("mu_x", "mu_a", "m_xx", "m_ax", "m_aa",
-                                                                      "scalars")}
+                prefix = f"layer{i}."
+                arrays = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
                 self.stats[i] = LayerStats.from_numpy(arrays, device=self.stats_device)
         self.done = set(json.loads(meta["done"]))
         return len(self.done)
