@@ -75,9 +75,9 @@ class ShardWorker:
                  device: str = "cpu", stats_device: str | None = None, replica: int = 0, stage: int = 0,
                  num_threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  restore: bool = False, fingerprint: str = ""):
+        t0 = time.perf_counter()
         from transformers import AutoConfig
 
-        t0 = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.replica, self.stage, self.start, self.end, self.embed = replica, stage, start, end, embed
@@ -92,7 +92,9 @@ class ShardWorker:
         keys = [k for k in weight_map(model_dir) if self.adapter.layer_of_key(k) in mine]
         if embed:
             keys.append(self.adapter.embed_key)
+        t_read = time.perf_counter()
         tensors, self.bytes_read = load_tensors(model_dir, keys, device=self.device, dtype=self.dtype)
+        t_read = time.perf_counter() - t_read
         self.loaded_keys = sorted(keys)
 
         self.layers: dict[int, torch.nn.Module] = {}
@@ -118,8 +120,9 @@ class ShardWorker:
         self.candidates: dict[int, torch.nn.Module] = {}  # layer -> that layer linearized (loss rule)
         self.score_cache: dict[int, torch.Tensor] = {}  # held-back block -> this stage's input
         self.final_norm = self.lm_head = None
-        self.timings = {"load": time.perf_counter() - t0, "forward": 0.0, "statistics": 0.0, "wait": 0.0,
-                        "calls": 0}
+        # load: the whole constructor; read: the weights alone (the rest is mostly transformers' module imports)
+        self.timings = {"load": time.perf_counter() - t0, "read": t_read, "forward": 0.0, "statistics": 0.0,
+                        "wait": 0.0, "checkpoint": 0.0, "calls": 0}
         self.bytes_out = 0
         self.batches_done = 0
         self._last_return = None
@@ -282,6 +285,7 @@ class ShardWorker:
             return None
         from safetensors.numpy import save_file
 
+        t0 = time.perf_counter()
         arrays = {f"layer{i}.{k}": np.ascontiguousarray(v) for i, s in self.stats.items()
                   for k, v in s.to_numpy().items()}
         meta = {"done": json.dumps(sorted(self.done)), "layers": f"{self.start},{self.end}",
@@ -292,6 +296,7 @@ class ShardWorker:
             os.fsync(fh.fileno())
         os.replace(tmp, self.checkpoint_path)
         self._since_checkpoint = 0
+        self.timings["checkpoint"] += time.perf_counter() - t0
         return str(self.checkpoint_path)
 
     def _restore(self) -> int:

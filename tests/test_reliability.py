@@ -99,6 +99,7 @@ def test_killed_actor_is_restored_and_replays_only_what_it_lost(local_ray, make_
     # Only what the dead actor had not checkpointed is sent again: at most the in-flight window plus one.
     assert 1 <= rep["recovery"]["replayed_batches"] <= 4
     assert len(progress_seen) == 10  # every micro-batch counted once on the progress line
+    assert all(w["timings"]["checkpoint"] > 0 for w in rep["workers"])  # what fault tolerance cost is reported
     assert_same_result(tmp_path / "run", rep, tmp_path / "ref", ref)
     assert tree_hash(src) == before  # the source checkpoint is never modified
     assert not (tmp_path / ".run.ckpt").exists()  # removed once the output is complete
