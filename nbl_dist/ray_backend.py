@@ -95,6 +95,7 @@ class RayBackend:
     """
 
     name = "ray"
+    worker_cls = _RayShardWorker  # the actor class (a benchmark may substitute a variant)
 
     def __init__(self, model_dir: str, plan: ShardPlan, dtype: torch.dtype, device: str = "cpu",
                  address: str | None = None, placement: str = "PACK", cpus_per_actor: float | None = None,
@@ -130,7 +131,7 @@ class RayBackend:
                 f"{pg_timeout_s:.0f} s (cluster has {ray.cluster_resources()}). Lower --stages/--replicas, "
                 "set --cpus-per-actor, add nodes, or use --placement PACK")
 
-        self._remote_cls = ray.remote(_RayShardWorker)
+        self._remote_cls = ray.remote(self.worker_cls)
         self._strategy = lambda r, s: PlacementGroupSchedulingStrategy(
             placement_group=self.pg, placement_group_bundle_index=r * len(plan.stages) + s)
         self._actor_kwargs = dict(dtype=str(dtype).removeprefix("torch."), device=device, stats_device=stats_device,
@@ -254,16 +255,26 @@ class RayBackend:
                     raise NBLError(f"replica {r} stage {s} holds micro-batches {done[:8]}..., expected "
                                    f"{share[r][:8]}...: the statistics would be wrong; please report this")
 
-    def reduce(self) -> None:
-        """Merge every replica's statistics into replica 0's actors, actor to actor (Chan's update)."""
-        if len(self.actors) == 1:
-            return
+    def reduce(self, window: int = 2) -> None:
+        """Merge every replica's statistics into replica 0's actors, actor to actor (Chan's update).
+
+        One layer per object, at most `window` layers in flight per stage: replica 0's actor holds at most that
+        many incoming layers' statistics (3 d x d float64 each) besides its own, and the object store never
+        needs a replica's whole shard at once (15 GiB per actor for 10 layers at d = 8192, more than a store
+        usually holds: sent whole, it spills to disk)."""
         ray = self._ray
-        merges = []
-        for s, owner in enumerate(self.actors[0]):
-            exports = [self.actors[r][s].export_stats.remote() for r in range(1, len(self.actors))]
-            merges.append(owner.merge_stats.remote(*exports))
-        ray.get(merges)
+        todo = {s.stage: [(r, i) for i in s.layers for r in range(1, len(self.actors))] for s in self.plan.stages}
+        inflight: dict = {}  # merge ref -> stage
+        while any(todo.values()) or inflight:
+            for stage, queue in todo.items():
+                while queue and sum(1 for v in inflight.values() if v == stage) < window:
+                    r, i = queue.pop(0)
+                    export = self.actors[r][stage].export_layer.remote(i)
+                    inflight[self.actors[0][stage].merge_layer.remote(i, export)] = stage
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            ray.get(done)
+            for ref in done:
+                inflight.pop(ref)
 
     # ------------------------------------------------------------------ rank and fit
     def _owner(self, layer: int):

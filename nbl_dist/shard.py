@@ -317,16 +317,17 @@ class ShardWorker:
         self.done = set(json.loads(meta["done"]))
         return len(self.done)
 
-    def export_stats(self) -> dict[int, dict[str, np.ndarray]]:
-        """This shard's statistics as numpy (for a merge on another actor, through the object store)."""
-        return {i: s.to_numpy() for i, s in self.stats.items()}
+    def export_layer(self, layer: int) -> dict[str, np.ndarray]:
+        """One layer's statistics as numpy, for a merge on another actor through the object store."""
+        return self.stats[layer].to_numpy()
 
-    def merge_stats(self, *exports: dict[int, dict[str, np.ndarray]]) -> int:
-        """Chan-merge other replicas' statistics of the same layers into this shard's. Returns the token count."""
-        for exp in exports:
-            for i, arrays in exp.items():
-                self.stats[int(i)].merge_(LayerStats.from_numpy(arrays, device=self.stats_device))
-        return self.stats[self.start].n if self.stats else 0
+    def merge_layer(self, layer: int, arrays: dict[str, np.ndarray]) -> int:
+        """Chan-merge another replica's statistics of `layer` into this shard's. Returns the merged token count.
+
+        The incoming arrays are read where Ray mapped them (no copy on the host; one copy onto a GPU): merging
+        holds one layer's extra statistics at a time, which the planner's score/fit workspace covers."""
+        self.stats[layer].merge_(LayerStats.from_numpy(arrays, self.stats_device, copy=False))
+        return self.stats[layer].n
 
     def scores(self, ridge: float | None = None) -> list[dict]:
         """Every ranking score of every layer held here: scalars only."""

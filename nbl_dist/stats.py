@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,17 @@ class LayerStats:
         return out
 
     @classmethod
-    def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> "LayerStats":
+    def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device | str = "cpu",
+                   copy: bool = True) -> "LayerStats":
+        """copy=False: float64 host arrays are used in place (Ray's read-only zero-copy arrays included); only
+        for a LayerStats that is read, never updated (the `other` of merge_)."""
         n, cos_sum, ratio_sum = (float(v) for v in arrays["scalars"])
-        tensors = {f: torch.as_tensor(np.asarray(arrays[f]), dtype=torch.float64).to(device).clone()
-                   for f in _VECTORS + _MATRICES}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {f: torch.as_tensor(np.asarray(arrays[f]), dtype=torch.float64).to(device)
+                       for f in _VECTORS + _MATRICES}
+        if copy:
+            tensors = {f: t.clone() for f, t in tensors.items()}
         return cls(n=int(n), cos_sum=cos_sum, ratio_sum=ratio_sum, **tensors)
 
     def save(self, path: str | Path) -> None:

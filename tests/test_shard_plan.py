@@ -49,6 +49,28 @@ def test_shard_chain_equals_whole_model(make_model_dir):
         assert got[s.layer]["tokens"] == 6 * 24
 
 
+def test_replica_merge_layer_by_layer_equals_one_worker(make_model_dir):
+    """Two replicas' statistics merged one layer at a time from read-only arrays (as Ray hands them over) equal
+    one worker that saw every micro-batch, and the exporting replica's statistics are left untouched."""
+    src = make_model_dir("llama", torch.float64, num_hidden_layers=3)
+    blocks = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(3)).numpy()
+    whole, r0, r1 = (ShardWorker(str(src), 0, 3, embed=True, dtype="float64") for _ in range(3))
+    for k in range(6):
+        whole.run_batch(blocks[k:k + 1], last=True, batch_id=k)
+        (r0 if k in (0, 3, 4) else r1).run_batch(blocks[k:k + 1], last=True, batch_id=k)
+    before = {i: r1.stats[i].m_aa.clone() for i in range(3)}
+    for i in range(3):
+        arrays = r1.export_layer(i)
+        for v in arrays.values():
+            v.flags.writeable = False
+        assert r0.merge_layer(i, arrays) == 6 * 16
+    for i in range(3):
+        for f in ("mu_x", "mu_a", "m_xx", "m_ax", "m_aa"):
+            torch.testing.assert_close(getattr(r0.stats[i], f), getattr(whole.stats[i], f), rtol=1e-10, atol=1e-10)
+        assert r0.stats[i].cos_sum == pytest.approx(whole.stats[i].cos_sum, rel=1e-12)
+        assert torch.equal(r1.stats[i].m_aa, before[i])
+
+
 def test_wire_roundtrip_bf16():
     t = torch.randn(2, 3, 4).to(torch.bfloat16)
     w = to_wire(t)
