@@ -33,8 +33,8 @@ class StagePlan:
     weight_bytes: int
     stats_bytes: int
     activation_bytes: int  # in-flight micro-batches and the forward's transient working set
-    # The float64 factorisations of one layer's fit or score; also covers the replica merge, which holds one
-    # incoming layer's statistics (3 d x d) at a time and never runs at the same time as a fit or score.
+    # The float64 factorisations of one layer's fit or score; also covers the replica merge, which holds at most
+    # two incoming layers' statistics (3 d x d each) and never runs at the same time as a fit or score.
     fit_workspace_bytes: int
     runtime_bytes: int
     stats_on_device: bool = True

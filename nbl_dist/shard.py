@@ -324,8 +324,9 @@ class ShardWorker:
     def merge_layer(self, layer: int, arrays: dict[str, np.ndarray]) -> int:
         """Chan-merge another replica's statistics of `layer` into this shard's. Returns the merged token count.
 
-        The incoming arrays are read where Ray mapped them (no copy on the host; one copy onto a GPU): merging
-        holds one layer's extra statistics at a time, which the planner's score/fit workspace covers."""
+        The incoming arrays are read where Ray mapped them (no copy on the host; one copy onto a GPU), so a call
+        holds one layer's extra statistics; RayBackend.reduce keeps two in flight, within the planner's
+        score/fit workspace."""
         self.stats[layer].merge_(LayerStats.from_numpy(arrays, self.stats_device, copy=False))
         return self.stats[layer].n
 
