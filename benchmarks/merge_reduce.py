@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from nbl_dist import synthetic  # noqa: E402
 from nbl_dist.plan import make_plan  # noqa: E402
 from nbl_dist.ray_backend import RayBackend, _RayShardWorker  # noqa: E402
-from nbl_dist.stats import LayerStats  # noqa: E402
 
 
 class WholeShardWorker(_RayShardWorker):
@@ -32,7 +31,7 @@ class WholeShardWorker(_RayShardWorker):
     def merge_shards(self, *exports: dict) -> None:
         for exp in exports:
             for i, arrays in exp.items():
-                self.stats[int(i)].merge_(LayerStats.from_numpy(arrays, self.stats_device))
+                self.merge_layer(int(i), arrays)
 
 
 class WholeShardBackend(RayBackend):
@@ -58,9 +57,7 @@ def main():
     cfg = synthetic.tiny_config("llama", hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                                 num_hidden_layers=a.layers, num_attention_heads=16, num_key_value_heads=8,
                                 vocab_size=32000, max_position_embeddings=4096)
-    model_dir = REPO / "runs" / f"bench-merge-{a.layers}x{a.hidden}"
-    if not (model_dir / "model.safetensors").exists():
-        synthetic.write_random_checkpoint(cfg, model_dir)
+    model_dir, _ = synthetic.cached_random_checkpoint(cfg, REPO / "runs" / f"bench-merge-{a.layers}x{a.hidden}")
     blocks = torch.randint(0, 32000, (4, 128), generator=torch.Generator().manual_seed(0))
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=a.object_store_mib * 2**20)

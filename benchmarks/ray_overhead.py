@@ -36,8 +36,7 @@ def breakdown(wall: float, rep: dict) -> dict:
     return {"wall": wall, "startup": t["startup"], "load": load, "read": max(x["timings"].get("read", 0.0) for x in w),
             "stream": t["stream"], "busy": busy, "checkpoint": ckpt,
             "driver": t["stream"] - busy - ckpt,  # stream time no worker computed: dispatch, transfer, waits
-            "after": t["reduce"] + t["rank"] + t["fit"] + t["write"],
-            "other": wall - t["startup"] - t["stream"] - t["reduce"] - t["rank"] - t["fit"] - t["write"]}
+            "after": t["reduce"] + t["rank"] + t["fit"] + t["write"]}
 
 
 def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -61,9 +60,7 @@ def main():
     cfg = synthetic.tiny_config("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
                                 num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
                                 max_position_embeddings=4096)
-    model_dir = REPO / "runs" / "bench-200m"
-    if not (model_dir / "model.safetensors").exists():
-        synthetic.write_random_checkpoint(cfg, model_dir)
+    model_dir, _ = synthetic.cached_random_checkpoint(cfg, REPO / "runs" / "bench-200m")
     n_params = sum(p.numel() for p in synthetic.random_model(cfg).parameters())
     gen = torch.Generator().manual_seed(0)
     data = {n: torch.randint(0, 32000, (n // a.seq_len, a.seq_len), generator=gen) for n in sizes}

@@ -31,9 +31,7 @@ def model_for(hidden: int, layers: int, root: Path) -> tuple[Path, int]:
     cfg = synthetic.tiny_config("llama", hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                                 num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
                                 vocab_size=32000, max_position_embeddings=4096)
-    path = root / "models" / f"llama-{layers}x{hidden}"
-    if not (path / "model.safetensors").exists():
-        synthetic.write_random_checkpoint(cfg, path)
+    path, _ = synthetic.cached_random_checkpoint(cfg, root / "models" / f"llama-{layers}x{hidden}")
     from nbl_dist.plan import layer_param_counts
 
     return path, layer_param_counts(cfg)[2]

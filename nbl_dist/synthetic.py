@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# What decides a checkpoint's tensors' shapes: a saved model with the same values can be reused.
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 
 
 def tiny_config(family: str = "llama", *, hidden_size: int = 32, num_hidden_layers: int = 4,
@@ -88,3 +91,16 @@ def write_random_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = to
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def cached_random_checkpoint(config, out_dir: str | Path) -> tuple[Path, bool]:
+    """A random checkpoint of `config` in out_dir, written only if out_dir does not already hold one of the same
+    shapes (benchmarks and studies write models of several GB once and reuse them).
+
+    Returns (out_dir, whether it was written now)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists() and (out_dir / "config.json").exists():
+        old = type(config).from_pretrained(out_dir)  # defaults filled in: config.json omits them
+        if all(getattr(old, k, None) == getattr(config, k, None) for k in SHAPE_KEYS):
+            return out_dir, False
+    return write_random_checkpoint(config, out_dir), True

@@ -71,6 +71,18 @@ def test_replica_merge_layer_by_layer_equals_one_worker(make_model_dir):
         assert torch.equal(r1.stats[i].m_aa, before[i])
 
 
+def test_cached_random_checkpoint_reuses_only_the_same_shapes(tmp_path):
+    cfg = synthetic.tiny_config("llama", num_hidden_layers=2)
+    path, wrote = synthetic.cached_random_checkpoint(cfg, tmp_path / "m")
+    weights = path / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert wrote and synthetic.cached_random_checkpoint(cfg, path) == (path, False)
+    assert weights.stat().st_mtime_ns == stamp
+    wider = synthetic.tiny_config("llama", num_hidden_layers=2, intermediate_size=96)
+    assert synthetic.cached_random_checkpoint(wider, path) == (path, True)
+    assert tensor_specs(path)["model.layers.0.mlp.up_proj.weight"][1] == (96, 32)
+
+
 def test_wire_roundtrip_bf16():
     t = torch.randn(2, 3, 4).to(torch.bfloat16)
     w = to_wire(t)
