@@ -1,4 +1,4 @@
-"""Token blocks follow SPEC.md section 1 exactly; every bad input gives its clear error."""
+"""Token blocks follow docs/method.md §8 exactly; every bad input gives its clear error."""
 
 import json
 import time
