@@ -1,9 +1,9 @@
-"""Architecture adapters: where a decoder-only model keeps its layers, attention and norms.
+"""Architecture adapters: where a decoder-only model keeps its layers, attention, norms and head.
 
 Llama, Mistral, Qwen2 and Qwen3 (transformers 5.x) share one layout: `model.model.layers[i]` with `self_attn`
 (called with keyword arguments only, returns (output, weights)), `input_layernorm`, `post_attention_layernorm`
 and `mlp`; `model.model.embed_tokens`, `model.model.rotary_emb`, `model.model.norm`, `model.lm_head`. An adapter
-names those places once so the rest of the package never spells them.
+names those places once, as module paths and as checkpoint keys, so no other module spells them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ class ArchAdapter:
     lm_head_key: str = "lm_head.weight"
     # Parameter-name prefixes (inside a decoder layer) that linearization removes.
     replaced_prefixes: tuple[str, ...] = ("self_attn.", "input_layernorm.")
+    # Name of the linear map a linearized layer holds instead (docs/method.md §1).
+    nbl_module: str = "nbl_linear"
 
+    # ---------------------------------------------------------------- modules
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.model
 
@@ -35,13 +38,28 @@ class ArchAdapter:
         return model.model.layers
 
     @staticmethod
+    def embed_tokens(decoder: nn.Module) -> nn.Module:
+        return decoder.embed_tokens
+
+    @staticmethod
     def attention(layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
     @staticmethod
-    def input_norm(layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
+    def kept_blocks(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(post-attention norm, MLP): what a linearized layer keeps of the original."""
+        return layer.post_attention_layernorm, layer.mlp
 
+    def rebuild_rotary(self, decoder: nn.Module, config, device: str | torch.device) -> nn.Module:
+        """Replace the decoder's rotary embedding by a real one on `device` (see build_rotary); returns it."""
+        decoder.rotary_emb = build_rotary(type(decoder.rotary_emb), config, device)
+        return decoder.rotary_emb
+
+    def tie_head(self, model: nn.Module) -> None:
+        """Point the output head at the input embedding (tie_word_embeddings checkpoints store it once)."""
+        model.lm_head.weight = self.embed_tokens(self.decoder(model)).weight
+
+    # ---------------------------------------------------------------- checkpoint keys
     def layer_key_prefix(self, i: int) -> str:
         return f"{self.layer_prefix}{i}."
 
@@ -58,6 +76,15 @@ class ArchAdapter:
             return False
         rest = key[len(self.layer_key_prefix(i)):]
         return rest.startswith(self.replaced_prefixes)
+
+    def nbl_keys(self, i: int) -> tuple[str, str]:
+        """Checkpoint keys of layer i's linear map: (weight (d, d), bias (d,))."""
+        prefix = f"{self.layer_key_prefix(i)}{self.nbl_module}."
+        return prefix + "weight", prefix + "bias"
+
+    def head_key(self, config) -> str:
+        """The key holding the output head's weight: the embedding's when the two are tied."""
+        return self.embed_key if getattr(config, "tie_word_embeddings", False) else self.lm_head_key
 
 
 def adapter_for(config) -> ArchAdapter:

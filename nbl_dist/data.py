@@ -1,4 +1,4 @@
-"""Calibration text -> token blocks, exactly as the research code builds them (SPEC.md section 1).
+"""Calibration text -> token blocks, exactly as the research code builds them (docs/method.md §8).
 
 Documents: each `.txt` file is one document (a folder of .txt files gives one per file, in sorted order);
 `.jsonl` / `.json` / `.parquet` files (or folders of them) give one document per row, from --text-column.

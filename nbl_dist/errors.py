@@ -1,4 +1,4 @@
-"""Typed errors whose messages name the problem and the fix."""
+"""Typed errors whose messages name the problem and the fix. Every error nbl-dist raises on purpose is here."""
 
 
 class NBLError(Exception):
@@ -10,7 +10,7 @@ class UnsupportedArchitectureError(NBLError):
 
 
 class CheckpointError(NBLError):
-    pass
+    """The model folder, the output folder or a statistics snapshot cannot be used as it is."""
 
 
 class DataError(NBLError):
@@ -27,3 +27,15 @@ class ConfigError(NBLError):
 
 class NonFiniteActivationError(NBLError):
     pass
+
+
+class FactorizationError(NBLError, RuntimeError):
+    """A covariance could not be factored even with the largest ridge of the ladder (docs/method.md §7)."""
+
+
+class RayStartError(NBLError):
+    """No Ray cluster could be reached or started, or it cannot place the actors."""
+
+
+class WorkerLostError(NBLError):
+    """Actors died more often than --max-restarts allows."""

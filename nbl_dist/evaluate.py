@@ -8,6 +8,18 @@ import time
 import torch
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token cross-entropy, predicted tokens) of logits (B, T, V) against token ids (B, T).
+
+    Position t predicts token t + 1; the logits go up to float32 at least (bf16 up, float64 kept)."""
+    logits = logits[:, :-1]  # (B, T-1, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    target = ids[:, 1:].to(logits.device, torch.long)  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             reduction="sum")
+    return float(loss.double()), int(target.numel())
+
+
 @torch.no_grad()
 def loss_sum(model, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
     """(summed next-token cross-entropy, predicted tokens) over (N, T) token blocks."""
@@ -15,12 +27,9 @@ def loss_sum(model, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, i
     device = next(model.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        total += float(loss.double())
-        count += ids[:, 1:].numel()
+        loss, n = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        total += loss
+        count += n
     return total, count
 
 

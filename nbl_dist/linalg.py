@@ -9,17 +9,15 @@ import dataclasses
 
 import torch
 
+from nbl_dist.errors import FactorizationError
 from nbl_dist.stats import LayerStats
 
-# Ridge strengths tried, smallest first, when a Cholesky factorisation fails; each is relative to mean(diag(C)).
+# Ridge strengths tried, smallest first, when a Cholesky factorisation fails; each is relative to mean(diag(C))
+# (docs/method.md §7).
 RIDGE_LADDER = (0.0, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # Smallest accepted squared Cholesky pivot relative to the largest variance: below it, a solve would lose more
 # than 12 of float64's 16 digits, so the matrix is treated as singular and the ridge ladder steps in.
 MIN_PIVOT = 1e-12
-
-
-class FactorizationError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +104,7 @@ def _cca_from_factors(cov: Covariances, lx: torch.Tensor, ly: torch.Tensor) -> f
 
 
 def cca_bound(stats: LayerStats, ridge: float | None = None) -> tuple[float, float, float]:
-    """The CCA bound d - ||L_y^-1 C_yx L_x^-T||_F^2 (SPEC.md section 1).
+    """The CCA bound d - ||L_y^-1 C_yx L_x^-T||_F^2 (docs/method.md §5).
 
     Returns:
         (bound, ridge_x, ridge_y).
@@ -118,7 +116,7 @@ def cca_bound(stats: LayerStats, ridge: float | None = None) -> tuple[float, flo
 
 
 def lmmse_fit(stats: LayerStats, ridge: float | None = None) -> LinearFit:
-    """W = C_ax C_xx^-1, b = mu_a - W mu_x, via Cholesky solves in float64."""
+    """W = C_ax C_xx^-1, b = mu_a - W mu_x, via Cholesky solves in float64 (docs/method.md §4)."""
     cov = covariances(stats)
     lx, rx = cholesky_with_ridge(cov.c_xx, ridge)
     w_t = torch.cholesky_solve(cov.c_ax.T.contiguous(), lx)  # C_xx^-1 C_xa = W^T   (d, d)

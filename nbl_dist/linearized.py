@@ -3,6 +3,7 @@
 The output folder is a standard Hugging Face checkpoint: every tensor of the source except a linearized layer's
 `self_attn.*` and `input_layernorm.*`, plus `model.layers.{i}.nbl_linear.{weight,bias}`, and config.json with an
 "nbl" section. `load_linearized` rebuilds the transformers model from it without trust_remote_code.
+Every place that swaps a decoder layer for its linearized form goes through `linearize_layer`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nbl_dist.arch import adapter_for, build_rotary
-from nbl_dist.checkpoint import (INDEX_NAME, TensorSource, load_tensors, tensor_specs, weight_map,
-                                 write_safetensors_streaming)
+from nbl_dist.arch import ArchAdapter, adapter_for
 from nbl_dist.errors import CheckpointError
+from nbl_dist.safetensors_io import (
+    INDEX_NAME,
+    TensorSource,
+    load_tensors,
+    tensor_specs,
+    torch_dtype,
+    weight_map,
+    write_safetensors_streaming,
+)
 
 NBL_FILE = "model-nbl.safetensors"
 FORMAT_VERSION = 1
@@ -49,25 +57,39 @@ class NBLDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def linearize_layer(layer: nn.Module, layer_idx: int, hidden_size: int) -> NBLDecoderLayer:
-    """An NBLDecoderLayer sharing `layer`'s MLP and post-attention norm (nbl_linear left to be filled)."""
-    p = next(layer.mlp.parameters())
-    new = NBLDecoderLayer(hidden_size, layer.post_attention_layernorm, layer.mlp, layer_idx)
-    new.nbl_linear.to(device=p.device, dtype=p.dtype)
-    return new
+Fit = tuple[torch.Tensor, torch.Tensor]  # (W (d, d), b (d,)) of one layer
 
 
 @torch.no_grad()
-def apply_linearization(model: nn.Module, fits: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+def linearize_layer(layer: nn.Module, layer_idx: int, adapter: ArchAdapter, hidden_size: int,
+                    fit: Fit | None = None) -> NBLDecoderLayer:
+    """An NBLDecoderLayer sharing `layer`'s MLP and post-attention norm, on their device and in their dtype.
+
+    Args:
+        fit: (W, b) copied into the linear map; None leaves it to be filled (a checkpoint load assigns it).
+    """
+    norm, mlp = adapter.kept_blocks(layer)
+    p = next(mlp.parameters())
+    new = NBLDecoderLayer(hidden_size, norm, mlp, layer_idx)
+    new.nbl_linear.to(device=p.device, dtype=p.dtype)
+    if fit is not None:
+        new.nbl_linear.weight.copy_(fit[0])
+        new.nbl_linear.bias.copy_(fit[1])
+    return new
+
+
+def zero_fits(layers: list[int], d: int) -> dict[int, Fit]:
+    """Attention-drop as a degenerate linearization: W = 0, b = 0 leaves h_mid = h."""
+    return {i: (torch.zeros(d, d), torch.zeros(d)) for i in layers}
+
+
+def apply_linearization(model: nn.Module, fits: Mapping[int, Fit]) -> nn.Module:
     """Replace, in place, the layers in `fits` (index -> (W (d, d), b (d,))) by NBLDecoderLayers."""
     adapter = adapter_for(model.config)
     layers = adapter.layers(model)
     d = model.config.hidden_size
-    for i, (w, b) in sorted(fits.items()):
-        new = linearize_layer(layers[i], i, d)
-        new.nbl_linear.weight.copy_(w)
-        new.nbl_linear.bias.copy_(b)
-        layers[i] = new
+    for i, fit in sorted(fits.items()):
+        layers[i] = linearize_layer(layers[i], i, adapter, d, fit)
     _record_nbl(model.config, sorted(set(fits) | set(_linearized_of(model.config))))
     return model
 
@@ -77,17 +99,18 @@ def _linearized_of(config) -> list[int]:
     return list(nbl.get("linearized_layers", []))
 
 
-def _record_nbl(config, layers: list[int], extra: dict | None = None) -> None:
-    config.nbl = {"linearized_layers": layers, "format_version": FORMAT_VERSION, **(extra or {})}
+def nbl_section(layers: list[int], extra: dict | None = None) -> dict:
+    """config.json's "nbl" section: which layers are linearized, in which format version, and by what."""
+    return {"linearized_layers": sorted(layers), "format_version": FORMAT_VERSION, **(extra or {})}
 
 
-def nbl_tensor_names(i: int) -> tuple[str, str]:
-    return f"model.layers.{i}.nbl_linear.weight", f"model.layers.{i}.nbl_linear.bias"
+def _record_nbl(config, layers: list[int]) -> None:
+    config.nbl = nbl_section(layers)
 
 
 def write_linearized(src_dir: str | Path, out_dir: str | Path, layers: list[int],
-                     get_fit: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                     nbl_meta: dict | None = None, dtype: torch.dtype | None = None) -> dict:
+                     get_fit: Callable[[int], Fit], nbl_meta: dict | None = None,
+                     dtype: torch.dtype | None = None) -> dict:
     """Write the linearized checkpoint by streaming: unchanged tensors are copied file by file from the source,
     the new ones are fetched with get_fit(layer) one layer at a time, in the checkpoint's dtype.
 
@@ -106,51 +129,64 @@ def write_linearized(src_dir: str | Path, out_dir: str | Path, layers: list[int]
     from transformers import AutoConfig
 
     adapter = adapter_for(AutoConfig.from_pretrained(src_dir))
-    wmap = weight_map(src_dir)
     specs = tensor_specs(src_dir)
-    d = int(config["hidden_size"])
-    dtype = dtype or specs[adapter.embed_key][0]
-    selected = set(layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
         raise CheckpointError(f"output folder {str(out_dir)!r} is not empty")
+    selected = set(layers)
+    new_map, total, removed = _copy_kept_tensors(src_dir, out_dir, adapter, specs, selected)
+    nbl_names, added = _write_nbl_tensors(out_dir / NBL_FILE, adapter, sorted(selected), get_fit,
+                                          dtype or specs[adapter.embed_key][0], int(config["hidden_size"]))
+    new_map.update({name: NBL_FILE for name in nbl_names})
+    total += added
+    (out_dir / INDEX_NAME).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2))
+    config["nbl"] = nbl_section(sorted(selected), nbl_meta)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    _copy_side_files(src_dir, out_dir)
+    return {"files": sorted(set(new_map.values())), "total_size": total, "removed_bytes": removed,
+            "added_bytes": added}
 
+
+def _copy_kept_tensors(src_dir: Path, out_dir: Path, adapter: ArchAdapter, specs: dict,
+                       selected: set[int]) -> tuple[dict[str, str], int, int]:
+    """Copy every tensor a linearized layer keeps, file by file, one tensor in memory at a time.
+
+    Returns:
+        (weight map of the copied tensors, bytes written, bytes of the tensors left out).
+    """
+    wmap = weight_map(src_dir)
     new_map: dict[str, str] = {}
     total = removed = 0
     for fname in sorted(set(wmap.values())):
-        keep = [k for k, f in wmap.items() if f == fname and not adapter.is_replaced_key(k, selected)]
-        removed += sum(_nbytes(*specs[k]) for k, f in wmap.items()
-                       if f == fname and adapter.is_replaced_key(k, selected))
+        mine = [k for k, f in wmap.items() if f == fname]
+        keep = [k for k in mine if not adapter.is_replaced_key(k, selected)]
+        removed += sum(_nbytes(*specs[k]) for k in mine if adapter.is_replaced_key(k, selected))
         if not keep:
             continue
         with safe_open(str(src_dir / fname), framework="pt") as f:
             sources: list[TensorSource] = [(k, *specs[k], (lambda k=k: f.get_tensor(k))) for k in keep]
             total += write_safetensors_streaming(out_dir / fname, sources)
         new_map.update({k: fname for k in keep})
+    return new_map, total, removed
 
-    nbl_sources: list[TensorSource] = []
-    fit_cache: dict[int, torch.Tensor] = {}  # holds one layer's bias between its two tensors, nothing more
+
+def _write_nbl_tensors(path: Path, adapter: ArchAdapter, layers: list[int], get_fit: Callable[[int], Fit],
+                       dtype: torch.dtype, d: int) -> tuple[list[str], int]:
+    """Write every layer's W and b into one file, fetching one layer's fit at a time. Returns (names, bytes)."""
+    sources: list[TensorSource] = []
+    bias_of: dict[int, torch.Tensor] = {}  # holds one layer's bias between its two tensors, nothing more
 
     def weight_of(i):
-        w, b = get_fit(i)
-        fit_cache[i] = b
+        w, bias_of[i] = get_fit(i)
         return w.to(dtype)
 
-    for i in sorted(selected):
-        wn, bn = nbl_tensor_names(i)
-        nbl_sources.append((wn, dtype, (d, d), lambda i=i: weight_of(i)))
-        nbl_sources.append((bn, dtype, (d,), lambda i=i: fit_cache.pop(i).to(dtype)))
-    added = write_safetensors_streaming(out_dir / NBL_FILE, nbl_sources) if nbl_sources else 0
-    new_map.update({name: NBL_FILE for name, *_ in nbl_sources})
-    total += added
-
-    (out_dir / INDEX_NAME).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2))
-    config["nbl"] = {"linearized_layers": sorted(selected), "format_version": FORMAT_VERSION, **(nbl_meta or {})}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    _copy_side_files(src_dir, out_dir)
-    return {"files": sorted(set(new_map.values())), "total_size": total, "removed_bytes": removed,
-            "added_bytes": added}
+    for i in layers:
+        wn, bn = adapter.nbl_keys(i)
+        sources.append((wn, dtype, (d, d), lambda i=i: weight_of(i)))
+        sources.append((bn, dtype, (d,), lambda i=i: bias_of.pop(i).to(dtype)))
+    added = write_safetensors_streaming(path, sources) if sources else 0
+    return [name for name, *_ in sources], added
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -182,8 +218,6 @@ def load_linearized(model_dir: str | Path, dtype: torch.dtype | str | None = Non
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from nbl_dist.checkpoint import torch_dtype
-
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config)
@@ -197,7 +231,7 @@ def load_linearized(model_dir: str | Path, dtype: torch.dtype | str | None = Non
     layers = adapter.layers(model)
     for i in linearized:
         with torch.device("meta"):
-            layers[i] = linearize_layer(layers[i], i, config.hidden_size)
+            layers[i] = linearize_layer(layers[i], i, adapter, config.hidden_size)
     state, _ = load_tensors(model_dir, list(wmap), device=device, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -206,10 +240,9 @@ def load_linearized(model_dir: str | Path, dtype: torch.dtype | str | None = Non
         raise CheckpointError(f"{str(model_dir)!r} does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        adapter.tie_head(model)
     # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: rebuild them for real.
-    rotary = adapter.decoder(model).rotary_emb
-    adapter.decoder(model).rotary_emb = build_rotary(type(rotary), config, device)
+    adapter.rebuild_rotary(adapter.decoder(model), config, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"tensors left uninitialised after loading {str(model_dir)!r}: {leftover[:5]}")

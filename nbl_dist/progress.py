@@ -1,5 +1,5 @@
-"""A progress line for long streams: tokens done, tokens/s, ETA. Works on a terminal (one line, redrawn) and
-under `ray job submit` or in a log file (a new line every few seconds)."""
+"""A progress line for long streams (tokens done, tokens/s, ETA), and a timer of a run's phases. The line works on a
+terminal (one line, redrawn) and under `ray job submit` or in a log file (a new line every few seconds)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 
 
 class Progress:
+    """Tokens done, rate and ETA of a long stream, printed as it goes."""
+
     def __init__(self, total: int, label: str = "calibrate", every_s: float = 5.0, stream=None):
         self.total, self.label, self.every_s = total, label, every_s
         self.stream = stream or sys.stderr
@@ -32,3 +34,20 @@ class Progress:
                 f"{rate:,.0f} tok/s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
         end = "\r" if self.tty and self.done < self.total else "\n"
         print(line, end=end, file=self.stream, flush=True)
+
+
+class PhaseTimer:
+    """Wall time of consecutive phases: mark(name) closes the phase that ran since the previous mark."""
+
+    def __init__(self):
+        self.t0 = self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+        return self.phases[phase]
+
+    def total(self) -> float:
+        return self._last - self.t0

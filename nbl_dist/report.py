@@ -1,12 +1,62 @@
-"""nbl_report.json, its table, and the plot of the CCA bound per layer with the selected layers marked."""
+"""nbl_report.json (assembled from what each phase produced), its table, and the plot of the CCA bound per layer
+with the selected layers marked."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nbl_dist.backend import Placement, StreamResult, WorkerReport
+    from nbl_dist.linalg import LayerScores
+    from nbl_dist.plan import ShardPlan
+    from nbl_dist.progress import PhaseTimer
 
 REPORT_NAME = "nbl_report.json"
 PLOT_NAME = "nbl_bounds.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The rank phase's outcome: every layer's scores, the layers chosen, and the ridge each fit used."""
+
+    rank_by: str
+    scores: list[LayerScores]
+    selected: list[int]
+    ridges: dict[int, float]
+
+    def layer_rows(self) -> list[dict]:
+        return [{**s.to_dict(), "selected": s.layer in self.selected, "fit_ridge": self.ridges.get(s.layer)}
+                for s in self.scores]
+
+
+def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selection: Selection,
+                 timer: PhaseTimer, stream: StreamResult, workers: list[WorkerReport], placement: list[Placement],
+                 plan: ShardPlan, backend: str, dtype: str, device: str, output: dict, config: dict) -> dict:
+    """The report of one calibration (the layout of nbl_report.json): what ran, where, how long, and its result."""
+    return {
+        "model": model,
+        "num_layers": hf_config.num_hidden_layers,
+        "hidden_size": hf_config.hidden_size,
+        "tokens": tokens,
+        "score_tokens": score_tokens,
+        "selected_layers": selection.selected,
+        "rank_by": selection.rank_by,
+        "layers": selection.layer_rows(),
+        "timings": {**timer.phases, "total": timer.total(),
+                    "tokens_per_s": tokens / max(timer.phases["stream"], 1e-9), **stream.timings()},
+        "recovery": stream.recovery(),
+        "workers": [w.to_report() for w in workers],
+        "placement": [p.to_report() for p in placement],
+        "plan": plan.to_dict(),
+        "backend": backend,
+        "dtype": dtype,
+        "device": device,
+        "output": output,
+        "config": config,
+    }
 
 
 def write_report(out_dir: str | Path, report: dict) -> Path:

@@ -4,7 +4,7 @@ A layer's statistics are the token count n, the means of x (the residual stream 
 attention sub-layer's output), and three centred co-moment matrices M_xx, M_ax, M_aa, all float64. Everything
 NBL computes (covariances, the CCA bound, the LMMSE fit) follows from them, so a layer never needs its
 (tokens x d) activations kept. Two partial sets merge exactly with Chan's pairwise update, so batches, actors
-and machines can each accumulate their share and be reduced in any order.
+and machines can each accumulate their share and be reduced in any order (docs/method.md §3).
 
 Beside them sit two plain running sums used by ranking rules other than the CCA bound: the sum over tokens of
 cos(x, x + a) (LLM-Drop's rule) and of |a| / |x| (how large the replaced output is relative to the stream).

@@ -31,6 +31,16 @@ def tiny_config(family: str = "llama", *, hidden_size: int = 32, num_hidden_laye
     return AutoConfig.for_model(family, **kwargs)
 
 
+def llama_like(hidden: int, layers: int, *, intermediate: int | None = None, heads: int | None = None,
+               kv_heads: int | None = None, vocab_size: int = 32000, max_position_embeddings: int = 4096):
+    """A Llama config shaped like the real ones at hidden size `hidden` (benchmarks and scaling studies):
+    MLP 4 d wide, 64-wide heads, grouped-query attention with half as many key/value heads, a 32k vocabulary."""
+    return tiny_config("llama", hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads or max(1, hidden // 64),
+                       num_key_value_heads=kv_heads or max(1, hidden // 128), vocab_size=vocab_size,
+                       max_position_embeddings=max_position_embeddings)
+
+
 def random_model(config, dtype: torch.dtype = torch.float32, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
@@ -68,13 +78,13 @@ def write_random_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = to
     Shapes come from the meta-device model; linear weights are N(0, std^2), norm weights 1 (as a real model's
     init), so activations stay finite through many layers.
     """
-    from nbl_dist.arch import meta_model
-    from nbl_dist.checkpoint import write_safetensors_streaming
+    from nbl_dist.arch import adapter_for, meta_model
+    from nbl_dist.safetensors_io import write_safetensors_streaming
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = meta_model(config)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied = {adapter_for(config).lm_head_key} if config.tie_word_embeddings else set()
     gen = torch.Generator().manual_seed(seed)
 
     def produce(name, shape):

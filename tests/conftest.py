@@ -9,16 +9,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nbl_dist import synthetic  # noqa: E402
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
-    "All the world's a stage, and all the men and women merely players; they have their exits.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
-] * 4
+from tests.helpers import CORPUS  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the tests of one module (2 CPUs, no dashboard), shut down after them; a module whose tests
+    build their own cluster shuts it down first."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
 @pytest.fixture(scope="session")
 def tokenizer():
     return synthetic.train_tokenizer(CORPUS, vocab_size=320)

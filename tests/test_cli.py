@@ -25,7 +25,7 @@ def model_dir(make_model_dir):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    from tests.conftest import CORPUS
+    from tests.helpers import CORPUS
 
     d = tmp_path / "texts"
     d.mkdir()

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
 from nbl_dist import calibrate
-from tests.conftest import CORPUS
+from tests.helpers import CORPUS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

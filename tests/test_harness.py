@@ -1,36 +1,11 @@
 """lm-evaluation-harness on a linearized model, offline, with a small local multiple-choice task."""
 
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import HERE, write_task
+
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
-
-TASK_YAML = """
-task: nbl_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
-def write_task(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "nbl_tiny_mc.yaml").write_text(TASK_YAML.format(data=HERE / "harness" / "nbl_tiny_mc.jsonl"))
-    return folder
 
 
 def test_harness_task_on_linearized_model(make_model_dir, tmp_path):

@@ -2,32 +2,17 @@
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from nbl_dist.linalg import cca_bound, covariances, layer_scores, lmmse_fit
 from nbl_dist.stats import LayerStats
-from tests.test_stats import correlated_data
+from tests.helpers import correlated_data, research_bound
 
 
 def stats_of(x, a):
     s = LayerStats.empty(x.shape[1])
     s.update(torch.from_numpy(x), torch.from_numpy(a))
     return s
-
-
-def research_bound(x, a):
-    """The research code's formula: canonical correlations from two eigendecompositions and an SVD."""
-    y = x + a
-    cxx, cyy = np.cov(x.T), np.cov(y.T)
-    cyx = np.cov(y.T, x.T)[: x.shape[1], x.shape[1]:]
-
-    def inv_sqrt(c):
-        w, v = scipy.linalg.eigh(c)
-        return v @ np.diag(w ** -0.5) @ v.T
-
-    rho = scipy.linalg.svd(inv_sqrt(cyy) @ cyx @ inv_sqrt(cxx), compute_uv=False)
-    return float(np.sum(1 - rho ** 2))
 
 
 def test_cca_bound_equals_eigh_svd_formula():

@@ -1,64 +1,27 @@
 """Adapters, capture, fit recovery, and the linearized-model format, on tiny models of every supported family."""
 
 import json
-import math
 import os
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from nbl_dist import synthetic
 from nbl_dist.arch import adapter_for
 from nbl_dist.capture import capture_stats
 from nbl_dist.errors import UnsupportedArchitectureError
-from nbl_dist.linearized import NBLDecoderLayer, apply_linearization, load_linearized, write_linearized
+from nbl_dist.linearized import (
+    NBLDecoderLayer,
+    apply_linearization,
+    load_linearized,
+    write_linearized,
+)
 from nbl_dist.local import InProcessBackend
 from nbl_dist.stats import LayerStats
+from tests.helpers import affine_swapped_model, manual_attention
 from tests.test_stats import assert_matches
 
 FAMILIES = synthetic.FAMILIES
-
-
-class AffineAttention(nn.Module):
-    """Stands in for self_attn: returns W h + b of its input (the layer's input norm is removed beside it)."""
-
-    def __init__(self, w, b):
-        super().__init__()
-        self.w, self.b = nn.Parameter(w), nn.Parameter(b)
-
-    def forward(self, hidden_states, **kwargs):
-        return hidden_states @ self.w.T + self.b, None
-
-
-def rotate_half(t):
-    t1, t2 = t.chunk(2, dim=-1)
-    return torch.cat((-t2, t1), dim=-1)
-
-
-def manual_attention(layer, x, cos, sin, config):
-    """Causal multi-head attention written out from the projections (eager, float64), independent of
-    transformers' attention functions."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    bsz, t, _ = h.shape
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q = attn.q_proj(h).view(bsz, t, -1, hd)
-    k = attn.k_proj(h).view(bsz, t, -1, hd)
-    v = attn.v_proj(h).view(bsz, t, -1, hd).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-    mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
-    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
-    out = (probs @ v).transpose(1, 2).reshape(bsz, t, -1)
-    return attn.o_proj(out)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,19 +48,6 @@ def test_captured_x_and_a_equal_manual_forward(family):
     with torch.no_grad():
         model.model(input_ids=ids)
     assert stats[0].n == n_before
-
-
-def affine_swapped_model(family, layer, dtype=torch.float64, seed=2):
-    cfg = synthetic.tiny_config(family)
-    model = synthetic.random_model(cfg, dtype, seed=seed)
-    g = torch.Generator().manual_seed(3)
-    d = cfg.hidden_size
-    w0 = (torch.randn(d, d, generator=g, dtype=torch.float64) * 0.2).to(dtype)
-    b0 = (torch.randn(d, generator=g, dtype=torch.float64) * 0.1).to(dtype)
-    target = model.model.layers[layer]
-    target.input_layernorm = nn.Identity()
-    target.self_attn = AffineAttention(w0, b0)
-    return model, w0, b0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 
@@ -11,15 +10,7 @@ from nbl_dist import calibrate, load_linearized
 from nbl_dist.errors import ConfigError
 from nbl_dist.report import PLOT_NAME, REPORT_NAME
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def nbl_tensors(out):

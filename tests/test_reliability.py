@@ -2,7 +2,6 @@
 non-finite activations, and the statistics merge under any split and order (hypothesis)."""
 
 import hashlib
-import json
 import os
 import signal
 import time
@@ -17,10 +16,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from nbl_dist import calibrate, synthetic
-from nbl_dist.errors import CheckpointError, NonFiniteActivationError
-from nbl_dist.ray_backend import RayStartError
+from nbl_dist.errors import CheckpointError, NonFiniteActivationError, RayStartError
 from nbl_dist.stats import LayerStats
-from tests.test_stats import assert_matches, correlated_data
+from tests.helpers import assert_matches, correlated_data
 
 
 def quiet(**kw):
@@ -53,14 +51,6 @@ def test_unreachable_address_fails_fast(make_model_dir, tmp_path):
         calibrate(src, tmp_path / "o", blocks=blocks, address="127.0.0.1:1", **quiet())
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "o").exists()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def shard_worker_pids():

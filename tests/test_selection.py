@@ -6,11 +6,10 @@ import pytest
 import ray
 import torch
 
-from nbl_dist import calibrate, synthetic
+from nbl_dist import calibrate
 from nbl_dist.local import InProcessBackend
-from nbl_dist.pipeline import select_layers
-from tests.test_linalg import research_bound
-from tests.test_linearized import affine_swapped_model, manual_attention
+from nbl_dist.selection import select_layers
+from tests.helpers import affine_swapped_model, manual_attention, research_bound
 
 
 def raw_activations(model, blocks):

@@ -8,10 +8,10 @@ import torch
 
 from nbl_dist import synthetic
 from nbl_dist.arch import meta_model
-from nbl_dist.checkpoint import tensor_specs, weight_map
 from nbl_dist.errors import PlanError
 from nbl_dist.local import InProcessBackend
 from nbl_dist.plan import balance, make_plan
+from nbl_dist.safetensors_io import tensor_specs, weight_map
 from nbl_dist.shard import ShardWorker, from_wire, to_wire
 
 
@@ -20,7 +20,7 @@ def test_shard_loads_only_its_own_tensors(make_model_dir):
     specs = tensor_specs(src)
     w0 = ShardWorker(str(src), 0, 2, embed=True)
     w1 = ShardWorker(str(src), 2, 4, embed=False)
-    k0, k1 = set(w0.info()["keys"]), set(w1.info()["keys"])
+    k0, k1 = set(w0.info().keys), set(w1.info().keys)
     assert k0 == {k for k in weight_map(src) if k.startswith(("model.layers.0.", "model.layers.1."))} | {
         "model.embed_tokens.weight"}
     assert k1 == {k for k in weight_map(src) if k.startswith(("model.layers.2.", "model.layers.3."))}
@@ -43,10 +43,10 @@ def test_shard_chain_equals_whole_model(make_model_dir):
         for s, w in enumerate(chain):
             x = w.run_batch(x, last=(s == 2), batch_id=k)
     assert x == {"tokens": 48, "batch": 4}
-    got = {d["layer"]: d for w in chain for d in w.scores()}
+    got = {d.layer: d for w in chain for d in w.scores()}
     for s in ref.scores():
-        assert got[s.layer]["cca_bound"] == pytest.approx(s.cca_bound, rel=1e-9)
-        assert got[s.layer]["tokens"] == 6 * 24
+        assert got[s.layer].cca_bound == pytest.approx(s.cca_bound, rel=1e-9)
+        assert got[s.layer].tokens == 6 * 24
 
 
 def test_replica_merge_layer_by_layer_equals_one_worker(make_model_dir):

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smollm2():
     from nbl_dist.convert import convert_gguf, smollm2_gguf
-    from nbl_dist.demo import shakespeare_split
+    from nbl_dist.corpora import shakespeare_split
 
     try:
         gguf = smollm2_gguf()
@@ -55,10 +55,10 @@ def test_smollm2_cosine_rule_beats_attention_drop_at_k6(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nbl_dist import calibrate, load_linearized
+    from nbl_dist.corpora import pydoc_blocks
     from nbl_dist.data import load_blocks
-    from nbl_dist.demo import pydoc_blocks, zero_fits
     from nbl_dist.evaluate import perplexity
-    from nbl_dist.linearized import apply_linearization
+    from nbl_dist.linearized import apply_linearization, zero_fits
 
     model_dir, calib, held = smollm2
     out = tmp_path / "cos6"

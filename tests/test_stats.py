@@ -1,38 +1,12 @@
 """LayerStats against numpy float64 covariances of the whole data."""
 
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from nbl_dist.stats import LayerStats
-
-
-def correlated_data(n, d, seed=0, mean_scale=0.0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
-    a = x @ rng.standard_normal((d, d)) * 0.3 + rng.standard_normal((n, d))
-    if mean_scale:
-        # Channel means 1e4 times the spread: the outlier channels of real residual streams.
-        x += mean_scale * x.std(0) * rng.choice([-1, 1], d)
-        a += mean_scale * a.std(0) * rng.choice([-1, 1], d)
-    return x, a
-
-
-def reference_moments(x, a):
-    n = x.shape[0]
-    mx, ma = x.mean(0), a.mean(0)
-    xc, ac = x - mx, a - ma
-    return n, mx, ma, xc.T @ xc, ac.T @ xc, ac.T @ ac
-
-
-def assert_matches(stats, x, a, rtol):
-    n, mx, ma, mxx, max_, maa = reference_moments(x, a)
-    assert stats.n == n
-    for got, want in [(stats.mu_x, mx), (stats.mu_a, ma), (stats.m_xx, mxx), (stats.m_ax, max_), (stats.m_aa, maa)]:
-        got = got.numpy()
-        assert np.abs(got - want).max() <= rtol * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+from tests.helpers import assert_matches, correlated_data, reference_moments
 
 
 @pytest.mark.parametrize("mean_scale", [0.0, 1e4])
