@@ -6,16 +6,14 @@ task of the tests (tests/harness/nbl_tiny_mc.jsonl), so it runs offline.
     .venv/bin/python benchmarks/harness.py
 """
 
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO
 
-from nbl_dist.evaluate import harness_eval  # noqa: E402
-from nbl_dist.linearized import load_linearized  # noqa: E402
-from tests.test_harness import write_task  # noqa: E402
+from nbl_dist.evaluate import harness_eval
+from nbl_dist.linearized import load_linearized
+from tests.helpers import write_task
 
 
 def main():

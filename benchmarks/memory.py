@@ -7,20 +7,14 @@ The model (about 3.2 GB of float32 weights) is written to runs/bench-memory/ onc
 """
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import REPO
 
-import torch  # noqa: E402
+import torch
 
-from nbl_dist import calibrate, synthetic  # noqa: E402
-from nbl_dist.plan import check_memory, fmt_bytes, parse_bytes  # noqa: E402
+from nbl_dist import calibrate, synthetic
+from nbl_dist.plan import check_memory, fmt_bytes, parse_bytes
 
 
 def main():
@@ -33,9 +27,7 @@ def main():
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     a = ap.parse_args()
-    cfg = synthetic.tiny_config("llama", hidden_size=a.hidden, intermediate_size=a.intermediate,
-                                num_hidden_layers=a.layers, num_attention_heads=12, num_key_value_heads=4,
-                                vocab_size=32000)
+    cfg = synthetic.llama_like(a.hidden, a.layers, intermediate=a.intermediate, heads=12, kv_heads=4)
     model_dir = REPO / "runs" / f"bench-memory-{a.layers}x{a.hidden}"
     t0 = time.perf_counter()
     if synthetic.cached_random_checkpoint(cfg, model_dir)[1]:

@@ -7,24 +7,19 @@ before), alternating in one run.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from common import REPO
 
-import torch  # noqa: E402
+import torch
 
-from nbl_dist import synthetic  # noqa: E402
-from nbl_dist.plan import make_plan  # noqa: E402
-from nbl_dist.ray_backend import RayBackend, _RayShardWorker  # noqa: E402
+from nbl_dist import synthetic
+from nbl_dist.plan import make_plan
+from nbl_dist.ray_backend import RayBackend, RayShardWorker
 
 
-class WholeShardWorker(_RayShardWorker):
+class WholeShardWorker(RayShardWorker):
     def export_shard(self) -> dict:
         return {i: s.to_numpy() for i, s in self.stats.items()}
 
@@ -40,9 +35,9 @@ class WholeShardBackend(RayBackend):
     worker_cls = WholeShardWorker
 
     def reduce(self) -> None:
-        self._ray.get([owner.merge_shards.remote(*[self.actors[r][s].export_shard.remote()
-                                                   for r in range(1, len(self.actors))])
-                       for s, owner in enumerate(self.actors[0])])
+        rows = self.grid.rows
+        self._ray.get([owner.merge_shards.remote(*[rows[r][s].export_shard.remote() for r in range(1, len(rows))])
+                       for s, owner in enumerate(rows[0])])
 
 
 def main():
@@ -54,9 +49,7 @@ def main():
     a = ap.parse_args()
     import ray
 
-    cfg = synthetic.tiny_config("llama", hidden_size=a.hidden, intermediate_size=4 * a.hidden,
-                                num_hidden_layers=a.layers, num_attention_heads=16, num_key_value_heads=8,
-                                vocab_size=32000, max_position_embeddings=4096)
+    cfg = synthetic.llama_like(a.hidden, a.layers)
     model_dir, _ = synthetic.cached_random_checkpoint(cfg, REPO / "runs" / f"bench-merge-{a.layers}x{a.hidden}")
     blocks = torch.randint(0, 32000, (4, 128), generator=torch.Generator().manual_seed(0))
     ray.init(address="local", num_cpus=2, include_dashboard=False,

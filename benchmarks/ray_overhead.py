@@ -9,19 +9,15 @@ median reported, and two data sizes separate the fixed cost (start-up) from the 
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from common import REPO
 
-import torch  # noqa: E402
+import torch
 
-from nbl_dist import calibrate, synthetic  # noqa: E402
+from nbl_dist import calibrate, synthetic
 
 TARGET = 1.15  # the issue's bound on Ray-at-1-stage / in-process wall time
 DEFAULT_TOKENS = 128 * 2048  # nbl-dist's default calibration size (--samples 128 --seq-len 2048)
@@ -57,9 +53,7 @@ def main():
     sizes = [int(x) for x in a.tokens.split(",")]
     import ray
 
-    cfg = synthetic.tiny_config("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
-                                num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
-                                max_position_embeddings=4096)
+    cfg = synthetic.llama_like(1024, 12)
     model_dir, _ = synthetic.cached_random_checkpoint(cfg, REPO / "runs" / "bench-200m")
     n_params = sum(p.numel() for p in synthetic.random_model(cfg).parameters())
     gen = torch.Generator().manual_seed(0)

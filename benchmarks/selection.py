@@ -10,26 +10,20 @@ with the standard library (pydoc_data.topics).
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import REPO
 
-import torch  # noqa: E402
+import torch
 
-from nbl_dist.convert import convert_gguf, smollm2_gguf  # noqa: E402
-from nbl_dist.data import load_blocks  # noqa: E402
-from nbl_dist.demo import pydoc_blocks, shakespeare_split, zero_fits  # noqa: E402
-from nbl_dist.evaluate import perplexity  # noqa: E402
-from nbl_dist.linearized import apply_linearization  # noqa: E402
-from nbl_dist.local import InProcessBackend  # noqa: E402
-from nbl_dist.pipeline import select_layers  # noqa: E402
-
-RULES = ("cca", "nmse", "cosine", "loss")
+from nbl_dist.convert import convert_gguf, smollm2_gguf
+from nbl_dist.corpora import pydoc_blocks, shakespeare_split
+from nbl_dist.data import load_blocks
+from nbl_dist.evaluate import perplexity
+from nbl_dist.linearized import apply_linearization, zero_fits
+from nbl_dist.local import InProcessBackend
+from nbl_dist.selection import RANK_RULES as RULES, select_layers
 
 
 def main():

@@ -6,18 +6,15 @@ against the limit that forward + statistics FLOPs set at that peak.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common  # noqa: F401  (the repository importable, offline)
 
-import torch  # noqa: E402
+import torch
 
-from nbl_dist import synthetic  # noqa: E402
-from nbl_dist.local import InProcessBackend  # noqa: E402
-from nbl_dist.stats import LayerStats  # noqa: E402
+from nbl_dist import synthetic
+from nbl_dist.local import InProcessBackend
+from nbl_dist.stats import LayerStats
 
 
 def best_time(fn, repeats=5):
@@ -45,9 +42,7 @@ def stats_rate(m: int, d: int) -> float:
 
 
 def pipeline(d: int, layers: int, blocks: int, seq: int, peak: float) -> tuple[float, float]:
-    cfg = synthetic.tiny_config("llama", hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-                                num_attention_heads=d // 64, num_key_value_heads=d // 128, vocab_size=32000,
-                                max_position_embeddings=4096)
+    cfg = synthetic.llama_like(d, layers)
     model = synthetic.random_model(cfg, torch.float32)
     backend = InProcessBackend(None, torch.float32, model=model)
     ids = torch.randint(0, 32000, (blocks, seq))

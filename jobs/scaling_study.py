@@ -28,9 +28,7 @@ DEFAULTS = {"hidden": [256, 512, 768, 1024], "layers": 8, "stages": [1, 2], "rep
 
 
 def model_for(hidden: int, layers: int, root: Path) -> tuple[Path, int]:
-    cfg = synthetic.tiny_config("llama", hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                                num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-                                vocab_size=32000, max_position_embeddings=4096)
+    cfg = synthetic.llama_like(hidden, layers)
     path, _ = synthetic.cached_random_checkpoint(cfg, root / "models" / f"llama-{layers}x{hidden}")
     from nbl_dist.plan import layer_param_counts
 
