@@ -45,7 +45,7 @@ def weight_map(model_dir: str | Path) -> dict[str, str]:
         raise CheckpointError(f"model folder {str(model_dir)!r} does not exist; pass --model a checkpoint folder")
     index = model_dir / INDEX_NAME
     if index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
+        return read_index(index)
     single = model_dir / SINGLE_NAME
     if single.exists():
         with safe_open(str(single), framework="pt") as f:
@@ -53,6 +53,27 @@ def weight_map(model_dir: str | Path) -> dict[str, str]:
     raise CheckpointError(
         f"{str(model_dir)!r} has no {SINGLE_NAME} or {INDEX_NAME}; nbl-dist reads safetensors checkpoints. "
         "Re-save the model with `model.save_pretrained(dir, safe_serialization=True)`.")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a model.safetensors.index.json; a clear error if it is damaged.
+
+    Args:
+        index: path of the index file.
+    Returns:
+        The index's "weight_map".
+    """
+    try:
+        data = json.loads(index.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{str(index)!r} is not valid JSON{where}: the index is damaged; re-download or "
+                              "re-copy it") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointError(f"{str(index)!r} has no \"weight_map\" object (tensor name -> shard file): it is not "
+                              "a safetensors index; re-download or re-copy it")
+    return dict(wmap)
 
 
 def load_tensors(model_dir: str | Path, keys: Iterable[str], device: str | torch.device = "cpu",
@@ -92,6 +113,10 @@ def _file_specs(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
+    for k, v in header.items():
+        if v["dtype"] not in _ST_TO_DTYPE:  # e.g. F8_E4M3 from a quantised export
+            raise CheckpointError(f"tensor {k!r} in {str(path)!r} has dtype {v['dtype']!r}, which nbl-dist cannot "
+                                  "read; it reads float checkpoints (F32, F16, BF16, F64): dequantise it first")
     return {k: (_ST_TO_DTYPE[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
 
 

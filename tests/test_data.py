@@ -1,6 +1,7 @@
 """Token blocks follow docs/method.md §8 exactly; every bad input gives its clear error."""
 
 import json
+import re
 import time
 
 import pytest
@@ -95,3 +96,147 @@ def test_hub_name_offline_fails_fast(tokenizer, monkeypatch):
     with pytest.raises(DataError, match="offline"):
         list(iter_documents("allenai/c4"))
     assert time.perf_counter() - t0 < 5
+
+
+# Every way the data can be empty, unreadable or of the wrong shape: one DataError naming the file.
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts the documents tokenized (to show an error came before any of that work)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        return self.tokenizer(text, **kwargs)
+
+
+def test_empty_jsonl_holds_no_text(tokenizer, tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"--data '{re.escape(str(f))}' holds no text: the file is empty"):
+        load_blocks(f, tokenizer, samples=1, seq_len=8)
+
+
+def test_jsonl_malformed_line_names_the_line(tmp_path):
+    rows = [json.dumps({"text": d}) for d in DOCS]
+    f = write_lines(tmp_path / "d.jsonl", rows[:2] + ['{"text": "cut off', rows[2]])
+    with pytest.raises(DataError, match=rf"'{re.escape(str(f))}' line 3 is not valid JSON \(Unterminated string"
+                                        r".*must be one JSON object"):
+        list(iter_documents(f))
+
+
+def test_jsonl_without_the_text_column_lists_its_columns(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [json.dumps({"body": d, "id": i}) for i, d in enumerate(DOCS)])
+    with pytest.raises(DataError, match=rf"'{re.escape(str(f))}' has no column 'text'; its columns are "
+                                        r"\['body', 'id'\]\. Pass --text-column NAME"):
+        list(iter_documents(f, "text"))
+
+
+@pytest.mark.parametrize("value, kind", [(42, "number"), (["a", "b"], "list"), ({"t": "a"}, "object"),
+                                         (True, "boolean")])
+def test_jsonl_text_that_is_not_a_string(tmp_path, value, kind):
+    f = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": DOCS[0]}), json.dumps({"text": value})])
+    with pytest.raises(DataError, match=rf"'{re.escape(str(f))}' line 2: column 'text' holds a {kind} .*not text"):
+        list(iter_documents(f))
+
+
+def test_null_and_empty_texts_are_skipped(tmp_path):
+    rows = [{"text": DOCS[0]}, {"text": None}, {"text": ""}, {"other": 1}, {"text": DOCS[1]}]
+    f = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    assert list(iter_documents(f)) == DOCS[:2]
+
+
+def test_json_single_object_is_not_records(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({"data": [{"text": d} for d in DOCS], "version": 1}))
+    with pytest.raises(DataError, match=rf"'{re.escape(str(f))}' holds a single JSON object \(keys "
+                                        r"\['data', 'version'\]\), not records.*under 'data'"):
+        list(iter_documents(f))
+    f.write_text(json.dumps({"text": DOCS[0]}))
+    with pytest.raises(DataError, match=r"single JSON object.*name a file of one record \.jsonl"):
+        list(iter_documents(f))
+    f.write_text('"just a string"')
+    with pytest.raises(DataError, match=r"holds a JSON string, not records"):
+        list(iter_documents(f))
+
+
+def test_json_list_of_records_and_json_lines(tmp_path):
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"text": d} for d in DOCS]))
+    lines = write_lines(tmp_path / "lines.json", [json.dumps({"text": d}) for d in DOCS])
+    assert list(iter_documents(records)) == DOCS == list(iter_documents(lines))
+    records.write_text(json.dumps([{"text": DOCS[0]}, "loose string"]))
+    with pytest.raises(DataError, match=r"record 1 is a JSON string, not an object"):
+        list(iter_documents(records))
+
+
+def test_parquet_that_is_not_parquet_or_not_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    f.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=rf"'{re.escape(str(f))}' is not a Parquet file \(.*magic bytes"):
+        list(iter_documents(f))
+    pq.write_table(pa.Table.from_pylist([{"text": i} for i in range(3)]), f)
+    with pytest.raises(DataError, match=r"column 'text' holds int64 values, not text"):
+        list(iter_documents(f))
+    pq.write_table(pa.Table.from_pylist([{"body": d} for d in DOCS]), f)
+    with pytest.raises(DataError, match=r"has no column 'text'; its columns are \['body'\]"):
+        list(iter_documents(f))
+
+
+def test_txt_that_is_not_utf8_names_the_byte(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("Good start, then café".encode("latin-1"))
+    offset = len("Good start, then caf")
+    with pytest.raises(DataError, match=rf"'{re.escape(str(f))}' is not UTF-8 text: byte {offset} \(e9.*iconv"):
+        list(iter_documents(f))
+
+
+def test_txt_newlines_and_bom_read_as_before(tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_bytes("\ufeffline one\r\nline two\rline three\n".encode("utf-8"))
+    assert list(iter_documents(f)) == [f.read_text(encoding="utf-8")] == ["\ufeffline one\nline two\nline three\n"]
+
+
+def test_no_usable_files(tmp_path):
+    folder = tmp_path / "csvs"
+    folder.mkdir()
+    (folder / "a.csv").write_text("text\nhello\n")
+    (folder / "b.md").write_text("# hello\n")
+    with pytest.raises(DataError, match=rf"'{re.escape(str(folder))}' holds no \.txt, \.jsonl, \.json or \.parquet "
+                                        r"files \(only \.csv, \.md files\)"):
+        list(iter_documents(folder))
+    with pytest.raises(DataError, match=r"'.*a\.csv' is a \.csv file; nbl-dist reads \.txt, \.jsonl"):
+        list(iter_documents(folder / "a.csv"))
+
+
+def test_folder_of_empty_files_holds_no_text(tokenizer, tmp_path):
+    folder = tmp_path / "empties"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"")
+    (folder / "b.parquet").write_bytes(b"")
+    (folder / "c.txt").write_text(" \n\n")
+    write_lines(folder / "d.jsonl", [json.dumps({"text": None}), json.dumps({"text": ""})])
+    with pytest.raises(DataError, match=rf"--data '{re.escape(str(folder))}' holds no text: its 4 data files are "
+                                        "empty or hold only blank or null texts"):
+        load_blocks(folder, tokenizer, samples=1, seq_len=8)
+    (folder / "e.txt").write_text(DOCS[0])  # one real document among the empty files is enough
+    assert list(iter_documents(folder)) == [DOCS[0]]
+
+
+def test_bad_file_in_folder_fails_before_tokenizing(tokenizer, tmp_path):
+    folder = write_txt_folder(tmp_path / "docs", DOCS)
+    write_lines(folder / "zz.jsonl", ['{"body": "no text column here"}'])
+    counting = CountingTokenizer(tokenizer)
+    with pytest.raises(DataError, match=r"zz\.jsonl' has no column 'text'"):
+        load_blocks(folder, counting, samples=1, seq_len=4)
+    assert counting.calls == 0
