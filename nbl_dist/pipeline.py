@@ -29,7 +29,7 @@ from nbl_dist.report import (
     plot_bounds,
     write_report,
 )
-from nbl_dist.safetensors_io import torch_dtype, weight_map
+from nbl_dist.safetensors_io import torch_dtype
 from nbl_dist.selection import (
     MEASURED_RULES,
     held_back_count,
@@ -57,14 +57,11 @@ def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
 
 
 def load_model_config(model_dir: str):
-    from transformers import AutoConfig
+    """The model's config, after the whole checkpoint is checked from its headers (validate.py): a damaged or
+    unsuitable --model fails here, in seconds, before the data is read or any actor starts."""
+    from nbl_dist.validate import check_checkpoint
 
-    from nbl_dist.arch import adapter_for
-
-    weight_map(model_dir)  # the folder exists and holds safetensors, or a clear error
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    adapter_for(hf_config)
-    return hf_config
+    return check_checkpoint(model_dir)
 
 
 def check_against_model(hf_config, linearize: int | None, seq_len: int) -> None:

@@ -25,6 +25,8 @@ _DTYPE_TO_ST = {
     torch.bool: "BOOL",
 }
 _ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+# The safetensors format caps its header at 100 MB; a larger length field means the file is something else.
+MAX_HEADER_BYTES = 100_000_000
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
 
@@ -48,8 +50,7 @@ def weight_map(model_dir: str | Path) -> dict[str, str]:
         return read_index(index)
     single = model_dir / SINGLE_NAME
     if single.exists():
-        with safe_open(str(single), framework="pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}
+        return {k: SINGLE_NAME for k in read_header(single)}
     raise CheckpointError(
         f"{str(model_dir)!r} has no {SINGLE_NAME} or {INDEX_NAME}; nbl-dist reads safetensors checkpoints. "
         "Re-save the model with `model.save_pretrained(dir, safe_serialization=True)`.")
@@ -109,15 +110,67 @@ def tensor_specs(model_dir: str | Path) -> dict[str, tuple[torch.dtype, tuple[in
 
 
 def _file_specs(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
+    header = read_header(path)
     for k, v in header.items():
         if v["dtype"] not in _ST_TO_DTYPE:  # e.g. F8_E4M3 from a quantised export
             raise CheckpointError(f"tensor {k!r} in {str(path)!r} has dtype {v['dtype']!r}, which nbl-dist cannot "
                                   "read; it reads float checkpoints (F32, F16, BF16, F64): dequantise it first")
     return {k: (_ST_TO_DTYPE[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's header, checked for readability and for a file long enough to hold its tensors.
+
+    Reads only the 8-byte length and the JSON header.
+
+    Args:
+        path: the safetensors file.
+    Returns:
+        Tensor name -> {"dtype", "shape", "data_offsets"} (the "__metadata__" entry removed).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{str(path)!r} is {size} bytes, too short to be a safetensors file: the download "
+                                  "or copy stopped early; re-download or re-copy it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{str(path)!r} is not a safetensors file (its header length field reads {n:,} bytes): a Git LFS "
+                "pointer, another format or a corrupt file; re-download or re-copy it")
+        if 8 + n > size:
+            raise CheckpointError(_truncated(path, size, 8 + n))
+        header = _parse_header(path, fh.read(n))
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if size < 8 + n + end:
+        raise CheckpointError(_truncated(path, size, 8 + n + end))
+    return header
+
+
+def _truncated(path: Path, size: int, needed: int) -> str:
+    return (f"{str(path)!r} is truncated: it is {size:,} bytes, but its header implies {needed:,} bytes; the "
+            "download or copy stopped early. Re-download or re-copy it")
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, dict]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r} has a corrupt header (not a JSON object); re-download or re-copy it")
+    header.pop("__metadata__", None)
+    for name, e in header.items():
+        if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and _ints(e.get("shape"))
+                and _ints(e.get("data_offsets")) and len(e["data_offsets"]) == 2):
+            raise CheckpointError(f"{str(path)!r} has a corrupt header entry for tensor {name!r} ({e!r}); "
+                                  "re-download or re-copy it")
+    return header
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
 # A tensor to write: its name, dtype, shape, and a function producing it when its turn comes.

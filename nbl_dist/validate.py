@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from nbl_dist.arch import ArchAdapter, adapter_for, meta_model
-from nbl_dist.checkpoint import INDEX_NAME, SINGLE_NAME, read_index
+from nbl_dist.safetensors_io import INDEX_NAME, read_header, weight_map
 from nbl_dist.errors import CheckpointError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -25,8 +24,6 @@ CONFIG_NAME = "config.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Every dtype the checkpoint reader and writer can map (extra tensors are copied to the output as they are).
 KNOWN_DTYPES = (*FLOAT_DTYPES, "I64", "I32", "I16", "I8", "U8", "BOOL")
-# The safetensors format caps its header at 100 MB; a larger length field means the file is something else.
-MAX_HEADER_BYTES = 100_000_000
 _NBL_KEY = re.compile(r"\.nbl_linear\.")
 
 
@@ -53,8 +50,7 @@ def check_checkpoint(model_dir: str | Path) -> PretrainedConfig:
         UnsupportedArchitectureError: config.json names a model_type nbl-dist does not support.
     """
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model folder {str(model_dir)!r} does not exist; pass --model a checkpoint folder")
+    weight_map(model_dir)  # a folder holding safetensors weights, else the message says what it holds instead
     read_config(model_dir)
     hf_config = load_config(model_dir)
     headers = read_headers(model_dir)
@@ -140,15 +136,7 @@ def read_headers(model_dir: Path) -> dict[str, TensorHeader]:
         Tensor name -> TensorHeader; with an index, exactly the tensors it names.
     """
     index = model_dir / INDEX_NAME
-    if not index.exists():
-        single = model_dir / SINGLE_NAME
-        if not single.exists():
-            raise CheckpointError(
-                f"{str(model_dir)!r} has no {SINGLE_NAME} or {INDEX_NAME}; nbl-dist reads safetensors checkpoints. "
-                "Re-save the model with `model.save_pretrained(dir, safe_serialization=True)`.")
-        return {name: TensorHeader(SINGLE_NAME, e["dtype"], tuple(e["shape"]))
-                for name, e in read_header(single).items()}
-    wmap = read_index(index)
+    wmap = weight_map(model_dir)  # the index, or the single file's header; a clear error when neither is there
     by_file: dict[str, list[str]] = {}
     for name, fname in wmap.items():
         by_file.setdefault(fname, []).append(name)
@@ -167,61 +155,6 @@ def read_headers(model_dir: Path) -> dict[str, TensorHeader]:
                     "it: the index and the shard come from different downloads; re-download the checkpoint")
             headers[name] = TensorHeader(fname, entries[name]["dtype"], tuple(entries[name]["shape"]))
     return headers
-
-
-def read_header(path: Path) -> dict[str, dict]:
-    """A safetensors file's header, checked for readability and for a file long enough to hold its tensors.
-
-    Reads only the 8-byte length and the JSON header.
-
-    Args:
-        path: the safetensors file.
-    Returns:
-        Tensor name -> {"dtype", "shape", "data_offsets"} (the "__metadata__" entry removed).
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{str(path)!r} is {size} bytes, too short to be a safetensors file: the download "
-                                  "or copy stopped early; re-download or re-copy it")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{str(path)!r} is not a safetensors file (its header length field reads {n:,} bytes): a Git LFS "
-                "pointer, another format or a corrupt file; re-download or re-copy it")
-        if 8 + n > size:
-            raise CheckpointError(_truncated(path, size, 8 + n))
-        header = _parse_header(path, fh.read(n))
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if size < 8 + n + end:
-        raise CheckpointError(_truncated(path, size, 8 + n + end))
-    return header
-
-
-def _truncated(path: Path, size: int, needed: int) -> str:
-    return (f"{str(path)!r} is truncated: it is {size:,} bytes, but its header implies {needed:,} bytes; the "
-            "download or copy stopped early. Re-download or re-copy it")
-
-
-def _parse_header(path: Path, raw: bytes) -> dict[str, dict]:
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{str(path)!r} has a corrupt header (not a JSON object); re-download or re-copy it")
-    header.pop("__metadata__", None)
-    for name, e in header.items():
-        if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and _ints(e.get("shape"))
-                and _ints(e.get("data_offsets")) and len(e["data_offsets"]) == 2):
-            raise CheckpointError(f"{str(path)!r} has a corrupt header entry for tensor {name!r} ({e!r}); "
-                                  "re-download or re-copy it")
-    return header
-
-
-def _ints(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
 def check_tensors(hf_config: PretrainedConfig, headers: dict[str, TensorHeader], model_dir: Path) -> None:

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from nbl_dist import synthetic
 from nbl_dist.arch import meta_model
-from nbl_dist.checkpoint import INDEX_NAME, SINGLE_NAME, tensor_specs
 from nbl_dist.errors import CheckpointError, UnsupportedArchitectureError
 from nbl_dist.linearized import write_linearized
+from nbl_dist.safetensors_io import INDEX_NAME, SINGLE_NAME, tensor_specs
 from nbl_dist.validate import check_checkpoint
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"
@@ -142,10 +142,10 @@ def test_broken_index(model):
 
 
 def test_no_weights_or_no_config(model, tmp_path):
-    (model / SINGLE_NAME).unlink()
-    fails(model, CheckpointError, r"has no model\.safetensors or model\.safetensors\.index\.json")
     (model / "config.json").unlink()
     fails(model, CheckpointError, rf"'{re.escape(str(model))}' has no config\.json")
+    (model / SINGLE_NAME).unlink()  # the weights are looked for first: without them nothing else matters
+    fails(model, CheckpointError, r"has no model\.safetensors or model\.safetensors\.index\.json")
     fails(tmp_path / "nowhere", CheckpointError, "does not exist")
 
 
@@ -257,3 +257,33 @@ def test_70b_checkpoint_checked_in_seconds(tmp_path):
     total = sum((folder / f).stat().st_size for f in set(wmap.values()))
     assert total > 130e9
     assert check_fast(folder).num_hidden_layers == 80
+
+
+@pytest.mark.parametrize("damage", ["half_length", "attention_tensor_removed", "broken_config"])
+def test_calibrate_refuses_before_any_actor_or_data(model, tmp_path, damage):
+    """Through the user's entry points (the Python API and the CLI, Ray backend): the damaged checkpoint is named
+    in seconds, before Ray starts, before the data is read (there is none here), and nothing is written."""
+    import ray
+
+    from nbl_dist import calibrate
+    from nbl_dist.cli import main
+
+    weights = model / SINGLE_NAME
+    if damage == "half_length":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        named = "is truncated"
+    elif damage == "attention_tensor_removed":
+        rewrite(str(weights), lambda t: t.pop(Q1))
+        named = re.escape(Q1)
+    else:
+        (model / "config.json").write_text("{not json")
+        named = r"config\.json' is not valid JSON"
+    if ray.is_initialized():
+        ray.shutdown()
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=named):
+        calibrate(model, tmp_path / "out", data=str(tmp_path / "no-data"), linearize=1, log=lambda *a: None)
+    assert main(["calibrate", "--model", str(model), "--data", str(tmp_path / "no-data"), "--out",
+                 str(tmp_path / "out"), "--linearize", "1"]) == 2
+    assert time.perf_counter() - t0 < 10
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
