@@ -1,9 +1,9 @@
 """Ray job entry point: the same options as `nbl-dist calibrate`, plus --config FILE.yaml.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/calibrate.py --config jobs/configs/smollm2.yaml --address auto
+        python jobs/calibrate.py --config jobs/configs/smollm2.yaml
 
-Inside a job, pass `--address auto` to join the cluster the job runs on (without it a private local Ray starts).
+Inside a job it joins the cluster the job runs on (Ray sets RAY_ADDRESS for the entry point).
 """
 
 import sys

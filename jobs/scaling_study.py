@@ -5,7 +5,7 @@ calibrated with the Ray pipeline for every (stages, replicas) in the sweep. Writ
 calibration time vs parameters, tokens/s vs stages, peak memory per actor vs parameters.
 
     python jobs/scaling_study.py --out runs/scaling                      # local Ray, the default sweep
-    ray job submit --working-dir . -- python jobs/scaling_study.py --address auto --config jobs/configs/studies/scaling.yaml
+    ray job submit --working-dir . -- python jobs/scaling_study.py --config jobs/configs/studies/scaling.yaml
 """
 
 import argparse

@@ -37,7 +37,8 @@ def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> 
     p.add_argument("--dtype", choices=DTYPES, help="forward dtype (default auto)")
     p.add_argument("--device", choices=DEVICES, help="forward device (default auto)")
     p.add_argument("--seed", type=int, help="random choice of blocks with this seed (default: the first N)")
-    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray in this process)")
+    p.add_argument("--address", help="Ray cluster to join (default: the cluster of the Ray job it runs in, else "
+                                      "a local Ray started in this process)")
     p.add_argument("--text-column", help="text column of .jsonl/.json/.parquet data (default text)")
     p.add_argument("--ridge", type=float, help="ridge lambda, relative to mean(diag(C)) (default: only if needed)")
     p.add_argument("--backend", choices=BACKENDS, help="ray (default) or in-process")

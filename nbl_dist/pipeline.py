@@ -22,6 +22,7 @@ from nbl_dist.errors import ConfigError, PlanError
 from nbl_dist.linearized import atomic_replace_dir, write_linearized
 from nbl_dist.plan import ShardPlan, check_memory, fmt_bytes, parse_bytes
 from nbl_dist.progress import PhaseTimer, Progress
+from nbl_dist.ray_cluster import cluster_address
 from nbl_dist.report import (
     PLOT_NAME,
     Selection,
@@ -116,7 +117,8 @@ def default_device_memory(device_memory: str | None, device: str, local: bool, a
 
 def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int, log) -> ShardPlan:
     """The shard plan, checked against the memory budget before anything is loaded."""
-    budget = default_device_memory(cfg.device_memory, device, cfg.address is None, cfg.stages * cfg.replicas)
+    local = cfg.backend == "in-process" or cluster_address(cfg.address)[0] is None
+    budget = default_device_memory(cfg.device_memory, device, local, cfg.stages * cfg.replicas)
     check = check_memory(hf_config, cfg.stages, budget, parse_bytes(cfg.host_memory), cfg.stats_device,
                          replicas=cfg.replicas, dtype=dtype, batch_size=cfg.batch_size, seq_len=seq_len,
                          max_inflight=cfg.max_inflight, device=device)

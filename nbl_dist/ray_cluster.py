@@ -3,19 +3,35 @@ bundle per actor, and tear down what this run created. With ray_backend.py, the 
 
 from __future__ import annotations
 
+import os
 import socket
 
 from nbl_dist.errors import RayStartError
 
 
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """(the cluster to join, where that came from). `address` when given; else the cluster this process runs in:
+    `ray job submit` sets RAY_ADDRESS for its entry point, and starting a private local Ray inside a job would run
+    the actors outside the job's cluster, without its working dir. An http(s) RAY_ADDRESS names a dashboard for
+    `ray job submit`, not a cluster to join, and is left alone. None: start a local Ray."""
+    if address:
+        return address, "--address"
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and not env.startswith(("http://", "https://")):
+        return env, "RAY_ADDRESS"
+    return None, ""
+
+
 def connect(address: str | None) -> bool:
-    """Join the cluster at `address`, or start a local Ray in this process. Returns True if we started it."""
+    """Join the cluster at `address` (or the one this process runs in), or start a local Ray in this process.
+    Returns True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
+    address, source = cluster_address(address)
     if address and address not in ("auto", "local") and not address.startswith("ray://"):
-        check_reachable(address)
+        check_reachable(address, source)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -23,13 +39,13 @@ def connect(address: str | None) -> bool:
             ray.init(address="local", include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise RayStartError(
-            f"could not reach a Ray cluster at --address {address!r}: {e}. Start one with `ray start --head` "
+            f"could not reach a Ray cluster at {source} {address!r}: {e}. Start one with `ray start --head` "
             "(with RAY_AUTH_MODE=disabled for a local test cluster) or leave --address out to run locally"
         ) from e
     return True
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, source: str = "--address", timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at host:port (Ray itself retries for a long time)."""
     host, _, port = address.rpartition(":")
     try:
@@ -37,7 +53,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             return
     except (OSError, ValueError) as e:
         raise RayStartError(
-            f"--address {address!r} does not answer ({e}); check the head node's address and port "
+            f"{source} {address!r} does not answer ({e}); check the head node's address and port "
             "(`ray start --head` prints it), or leave --address out to run on a local Ray") from e
 
 

@@ -82,7 +82,7 @@ def test_ray_job_submit(make_model_dir, tmp_path):
         submit = [str(VENV_BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
                   "--", "python", "jobs/calibrate.py", "--model", str(src), "--data", str(data),
                   "--out", str(out), "--samples", "4", "--seq-len", "32", "--linearize", "1",
-                  "--stages", "2", "--batch-size", "2", "--address", "auto"]
+                  "--stages", "2", "--batch-size", "2"]  # no --address: as the README prints it
         deadline = time.time() + 120
         while True:  # the dashboard's job API comes up a few seconds after the head
             proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
@@ -96,6 +96,13 @@ def test_ray_job_submit(make_model_dir, tmp_path):
         report = json.loads((out / "nbl_report.json").read_text())
         assert len(report["selected_layers"]) == 1 and len(report["placement"]) == 2
         assert (out / "model-nbl.safetensors").exists() and (out / "tokenizer.json").exists()
+        # The actors ran on the job's cluster (its one node, the head), not on a private Ray the job started.
+        ray.init(address=f"127.0.0.1:{gcs_port}")
+        try:
+            head_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        finally:
+            ray.shutdown()
+        assert len(head_ids) == 1 and {p["node"] for p in report["placement"]} == head_ids, report["placement"]
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -53,6 +53,24 @@ def test_unreachable_address_fails_fast(make_model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_joins_the_cluster_named_by_ray_address(make_model_dir, tmp_path, monkeypatch):
+    """Inside `ray job submit` Ray sets RAY_ADDRESS for the entry point: without --address the run joins that
+    cluster (here one that does not answer, so it must say so) instead of starting a private local Ray; an http
+    RAY_ADDRESS (a dashboard, for `ray job submit`) is not a cluster to join."""
+    from nbl_dist.ray_cluster import cluster_address
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    src = make_model_dir("llama", torch.float64)
+    with pytest.raises(RayStartError, match="RAY_ADDRESS '127.0.0.1:1' does not answer"):
+        calibrate(src, tmp_path / "o", blocks=torch.randint(0, 320, (2, 16)), **quiet())
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()
+    assert cluster_address("10.0.0.1:6379") == ("10.0.0.1:6379", "--address")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert cluster_address(None) == (None, "")
+
+
 def shard_worker_pids():
     """ShardWorker processes of this session only: the local raylet is this driver's child and the workers
     are its children (workers of an earlier session may still be exiting, and killing one proves nothing)."""
