@@ -110,5 +110,8 @@ class Backend(Protocol):
     def worker_reports(self) -> list[WorkerReport]:
         ...
 
+    def recovery(self) -> dict:
+        """Actor restarts (in all, and by phase) and the seconds spent bringing actors back."""
+
     def close(self) -> None:
         ...

@@ -106,5 +106,9 @@ class InProcessBackend:
         return [WorkerReport(replica=0, stage=0, timings=dict(self.timings), bytes_out=0,
                              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
 
+    def recovery(self) -> dict:
+        """Nothing to restart: no actors."""
+        return {"actor_restarts": 0, "restarts_by_phase": {}, "restart_wait_s": 0.0}
+
     def close(self) -> None:
         self.model = None

@@ -225,6 +225,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         output = write_linearized(cfg.model, tmp, selection.selected, backend.get_fit, nbl_meta=nbl_meta)
         timer.mark("write")
         workers = backend.worker_reports()
+        recovery = {**stream.recovery(), **backend.recovery()}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -232,6 +233,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         backend.close()
     report = build_report(model=str(cfg.model), hf_config=hf_config, tokens=int(blocks.numel()),
                           score_tokens=int(score_blocks.numel()), selection=selection, timer=timer, stream=stream,
+                          recovery=recovery,
                           workers=workers, placement=backend.placement, plan=plan, backend=backend.name,
                           dtype=str(dtype).removeprefix("torch."), device=device, output=output,
                           config=dataclasses.asdict(cfg))

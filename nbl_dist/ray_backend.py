@@ -71,6 +71,28 @@ class Window:
         return refs
 
 
+class RestartBudget:
+    """Actor deaths survived so far, by phase, against --max-restarts, and the time spent bringing actors back."""
+
+    def __init__(self, limit: int, checkpoint_dir: str | None):
+        self.limit, self.checkpoint_dir = limit, checkpoint_dir
+        self.by_phase: dict[str, int] = {}
+        self.wait_s = 0.0
+
+    @property
+    def used(self) -> int:
+        return sum(self.by_phase.values())
+
+    def spend(self, phase: str) -> None:
+        self.by_phase[phase] = self.by_phase.get(phase, 0) + 1
+        if self.used > self.limit:
+            saved = f"statistics checkpointed in {self.checkpoint_dir}" if self.checkpoint_dir else \
+                "no checkpoint directory was set"
+            raise WorkerLostError(
+                f"actors died {self.used} times (limit {self.limit}; the last while {phase}); {saved}. Fix the "
+                "cause (memory? a lost node?) and rerun the same command to resume from the checkpoint")
+
+
 class ActorGrid:
     """The actors, [replica][stage], each in its own bundle: made, restarted from its snapshot, found by layer.
 
@@ -88,9 +110,14 @@ class ActorGrid:
         self.remote_cls = cluster.ray.remote(worker_cls)
         self.options, self.worker_kwargs = options, worker_kwargs
         self.rows: list[list] = []
+        self.restart_timeout_s = 600.0  # a restarted actor reloads its weights; on a lost node, Ray re-places it
+        self.waited_s = 0.0  # time spent bringing actors back
 
-    def start(self, restore: bool) -> list[Placement]:
+    def start(self, restore: bool) -> None:
         self.rows = [[self.make(r, s.stage, restore) for s in self.plan.stages] for r in range(self.plan.replicas)]
+
+    def placements(self) -> list[Placement]:
+        """Every actor's placement; waits until each has loaded its weights."""
         return self.cluster.ray.get([a.info.remote() for a in self.all()])
 
     def make(self, r: int, s: int, restore: bool):
@@ -113,17 +140,45 @@ class ActorGrid:
                 return s.stage
         raise KeyError(layer)
 
-    def restart_dead(self, r: int, ping_timeout_s: float = 60) -> None:
-        """Recreate, in their bundles and from their snapshots, the actors of replica r that do not answer."""
+    def restart_dead(self, replicas: list[int] | None = None, ping_timeout_s: float = 60) -> list[tuple[int, int]]:
+        """Recreate, in their bundles and from their snapshots, the actors (of `replicas`, default all) that do
+        not answer. Returns the (replica, stage) of each one recreated."""
         ray = self.cluster.ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        for s, actor in enumerate(self.rows[r]):
+        dead = []
+        for r in range(len(self.rows)) if replicas is None else replicas:
+            for s, actor in enumerate(self.rows[r]):
+                try:
+                    ray.get(actor.pid.remote(), timeout=ping_timeout_s)
+                except (RayActorError, RayTaskError, GetTimeoutError):
+                    ray.kill(actor)
+                    self.rows[r][s] = self._remake(r, s)
+                    dead.append((r, s))
+        return dead
+
+    def _remake(self, r: int, s: int):
+        """The actor made again from its snapshot, once it answers. When its node was lost, Ray places the
+        bundle on another node with room; a new actor that cannot start meanwhile is made again, until
+        restart_timeout_s, after which the run stops with a message saying what the cluster lacks."""
+        ray = self.cluster.ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        t0 = time.perf_counter()
+        while True:
+            actor = self.make(r, s, restore=True)
             try:
-                ray.get(actor.pid.remote(), timeout=ping_timeout_s)
-            except (RayActorError, RayTaskError, GetTimeoutError):
+                ray.get(actor.pid.remote(), timeout=max(1.0, self.restart_timeout_s - (time.perf_counter() - t0)))
+                self.waited_s += time.perf_counter() - t0
+                return actor
+            except (RayActorError, GetTimeoutError) as e:
                 ray.kill(actor)
-                self.rows[r][s] = self.make(r, s, restore=True)
+                if time.perf_counter() - t0 >= self.restart_timeout_s:
+                    raise WorkerLostError(
+                        f"replica {r} stage {s} could not start again within {self.restart_timeout_s:.0f} s "
+                        f"({type(e).__name__}): no live node has room for its bundle ({self.options}). Add a node "
+                        "and rerun the same command to resume from the checkpoint") from e
+                time.sleep(1.0)
 
     def done_batches(self, r: int) -> list[list[int]]:
         return self.cluster.ray.get([a.done_batches.remote() for a in self.rows[r]])
@@ -163,8 +218,9 @@ class RayBackend:
                  fingerprint: str = "", max_restarts: int = 3):
         self.cluster = RayCluster(address)
         self._ray = self.cluster.ray
-        self.plan, self.max_inflight, self.max_restarts = plan, max_inflight, max_restarts
+        self.plan, self.max_inflight = plan, max_inflight
         self.model_dir, self.checkpoint_dir = str(model_dir), checkpoint_dir
+        self.budget = RestartBudget(max_restarts, checkpoint_dir)
         self.grid: ActorGrid | None = None
         gpus = 1 if device == "cuda" else 0
         try:
@@ -177,65 +233,155 @@ class RayBackend:
                                                      stats_device=stats_device, num_threads=max(1, int(cpus)),
                                                      checkpoint_dir=checkpoint_dir,
                                                      checkpoint_every=checkpoint_every, fingerprint=fingerprint))
+            self.owners = OwnerState(self._ray, self.grid)
             t0 = time.perf_counter()
-            self.placement: list[Placement] = self.grid.start(restore)
+            self.grid.start(restore)
+            self.placement: list[Placement] = self._phase("loading weights", self.grid.placements)
             self.startup_s = time.perf_counter() - t0
         except Exception:
             self.close()
             raise
 
+    def _phase(self, name: str, run: Callable[[], object]):
+        """Run one phase. When an actor dies in it, the dead actors are recreated in their bundles from their
+        snapshots, replica 0's merged statistics and fits are brought back to where the phase expects them, and
+        the phase runs again: within --max-restarts, the result is the undisturbed one."""
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        revive = False
+        while True:
+            try:
+                if revive:
+                    self._revive()
+                    revive = False
+                self.owners.catch_up()
+                return run()
+            except (RayActorError, ObjectLostError):
+                self.budget.spend(name)
+                revive = True
+
+    def _revive(self) -> None:
+        if self.owners.streamed and not self.checkpoint_dir:
+            raise WorkerLostError("an actor died after the statistics pass, and without a checkpoint folder its "
+                                  "statistics cannot be restored; run through nbl-dist calibrate (it always "
+                                  "checkpoints) or pass checkpoint_dir")
+        self.owners.lost(self.grid.restart_dead())
+        self.placement = self.grid.placements()
+
     def stream(self, blocks: torch.Tensor, batch_size: int,
                progress: Callable[[int], None] | None = None) -> StreamResult:
         """Push every micro-batch of blocks (N, T) through its replica's chain of actors (see StreamPass)."""
-        return StreamPass(self._ray, self.grid, self.max_inflight, self.max_restarts,
-                          self.checkpoint_dir).run(blocks, batch_size, progress)
+        result = StreamPass(self._ray, self.grid, self.max_inflight, self.budget,
+                            self.checkpoint_dir).run(blocks, batch_size, progress)
+        self.owners.streamed = True
+        return result
 
     def reduce(self, window: int = 2) -> None:
-        """Merge every replica's statistics into replica 0's actors, actor to actor (Chan's update).
-
-        One layer per object, at most `window` layers in flight per stage: replica 0's actor holds at most that
-        many incoming layers' statistics (3 d x d float64 each) besides its own, and the object store never
-        needs a replica's whole shard at once (15 GiB per actor for 10 layers at d = 8192, more than a store
-        usually holds: sent whole, it spills to disk)."""
-        rows = self.grid.rows
-        queues = {s.stage: [(r, i) for i in s.layers for r in range(1, len(rows))] for s in self.plan.stages}
-
-        def submit(stage: int, item: tuple[int, int]):
-            r, i = item
-            return rows[0][stage].merge_layer.remote(i, rows[r][stage].export_layer.remote(i))
-
-        for _, _, ref in Window(self._ray, queues, submit, window):
-            self._ray.get(ref)
+        """Merge every replica's statistics into replica 0's actors, actor to actor (Chan's update); see
+        OwnerState.merge_missing."""
+        self.owners.reduced = True
+        self._phase("merging replicas", lambda: self.owners.merge_missing(window))
 
     # ------------------------------------------------------------------ rank and fit
     def scores(self, ridge: float | None = None) -> list[LayerScores]:
-        per_stage = self._ray.get([a.scores.remote(ridge) for a in self.grid.rows[0]])
-        return [s for stage in per_stage for s in stage]
+        def run():
+            return [s for stage in self._ray.get([a.scores.remote(ridge) for a in self.grid.rows[0]]) for s in stage]
+        return self._phase("scoring", run)
 
     def fit(self, layers: list[int], ridge: float | None = None) -> dict[int, float]:
         """All selected layers' fits at once, each on the actor holding its statistics."""
-        by_stage: dict[int, list[int]] = {}
-        for i in layers:
-            by_stage.setdefault(self.grid.stage_of(i), []).append(i)
-        refs = [self.grid.rows[0][s].fit.remote(ls, ridge) for s, ls in by_stage.items()]
-        return {i: r for part in self._ray.get(refs) for i, r in part.items()}
+        return self._phase("fitting", lambda: self.owners.fit(layers, ridge))
 
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
         """The measured rule: mean next-token loss increase on held-back blocks when each layer alone is
         linearized with its fitted map (the fits must exist: call fit(all layers) first). See CandidatePass."""
-        return CandidatePass(self._ray, self.grid, self.model_dir, self.max_inflight).run(score_blocks, batch_size)
+        candidates = CandidatePass(self._ray, self.grid, self.model_dir, self.max_inflight)
+        return self._phase("scoring candidates", lambda: candidates.run(score_blocks, batch_size))
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w, b = self._ray.get(self.grid.owner(layer).get_fit.remote(layer))
+        w, b = self._phase("handing over fits", lambda: self._ray.get(self.grid.owner(layer).get_fit.remote(layer)))
+        self.owners.handed_over(layer)
         return readonly_tensor(w), readonly_tensor(b)
 
     def worker_reports(self) -> list[WorkerReport]:
-        return self._ray.get([a.report.remote() for a in self.grid.all()])
+        return self._phase("reporting", lambda: self._ray.get([a.report.remote() for a in self.grid.all()]))
+
+    def recovery(self) -> dict:
+        """Actor restarts by phase, and the seconds spent bringing actors back (reloading, re-placing)."""
+        return {"actor_restarts": self.budget.used, "restarts_by_phase": dict(self.budget.by_phase),
+                "restart_wait_s": self.grid.waited_s if self.grid else 0.0}
 
     def close(self) -> None:
         if self.grid is not None:
             self.grid.kill_all()
         self.cluster.close()
+
+
+class OwnerState:
+    """What replica 0's actors (the owners of the merged statistics) hold beyond their snapshots: the merges
+    done and the fits not yet handed over. After an owner is recreated from its snapshot (statistics as at the
+    end of the stream, before any merge), catch_up merges its stage again and refits what it had fitted."""
+
+    def __init__(self, ray, grid: ActorGrid):
+        self.ray, self.grid = ray, grid
+        self.streamed = self.reduced = False
+        self.merged: set[tuple[int, int, int]] = set()  # (stage, replica, layer) merged into replica 0
+        self.fitted: dict[int, float] = {}  # layer -> ridge asked for, fitted and not yet handed over
+        self.stale: set[int] = set()  # stages whose owner was recreated since it fitted
+        self.ridge: float | None = None
+
+    def lost(self, recreated: list[tuple[int, int]]) -> None:
+        for r, s in recreated:
+            if r == 0:
+                self.merged = {m for m in self.merged if m[0] != s}
+                self.stale.add(s)
+
+    def catch_up(self) -> None:
+        if self.reduced:
+            self.merge_missing()
+        refit = [i for i in self.fitted if self.grid.stage_of(i) in self.stale]
+        if refit:
+            self.fit(refit, self.ridge)
+        self.stale.clear()
+
+    def merge_missing(self, window: int = 2) -> None:
+        """Merge into replica 0 every (replica, layer) not merged yet, one layer per object and at most `window`
+        layers in flight per stage: replica 0's actor holds at most that many incoming layers' statistics (3 d x d
+        float64 each) besides its own, and the object store never needs a replica's whole shard at once (15 GiB
+        per actor for 10 layers at d = 8192: sent whole, it spills to disk). After a failure nothing more is sent
+        and what is in flight is waited out, so every merge that happened is recorded, none twice."""
+        rows = self.grid.rows
+        queues = {s.stage: [(r, i) for i in s.layers for r in range(1, len(rows))
+                            if (s.stage, r, i) not in self.merged] for s in self.grid.plan.stages}
+
+        def submit(stage: int, item: tuple[int, int]):
+            r, i = item
+            return rows[0][stage].merge_layer.remote(i, rows[r][stage].export_layer.remote(i))
+
+        failure = None
+        for stage, (r, i), ref in Window(self.ray, queues, submit, window):
+            try:
+                self.ray.get(ref)
+                self.merged.add((stage, r, i))
+            except Exception as e:  # noqa: BLE001 - drained first, raised below
+                failure = failure or e
+                for queue in queues.values():
+                    queue.clear()
+        if failure is not None:
+            raise failure
+
+    def fit(self, layers: list[int], ridge: float | None) -> dict[int, float]:
+        by_stage: dict[int, list[int]] = {}
+        for i in layers:
+            by_stage.setdefault(self.grid.stage_of(i), []).append(i)
+        refs = [self.grid.rows[0][s].fit.remote(ls, ridge) for s, ls in by_stage.items()]
+        ridges = {i: r for part in self.ray.get(refs) for i, r in part.items()}
+        self.ridge = ridge
+        self.fitted.update({i: ridge for i in layers})
+        return ridges
+
+    def handed_over(self, layer: int) -> None:
+        self.fitted.pop(layer, None)
 
 
 class StreamPass:
@@ -245,13 +391,13 @@ class StreamPass:
     in its chain. A micro-batch that every stage of its replica already holds (restored from a snapshot) is
     skipped. When an actor dies, it is recreated in its bundle from its snapshot, and only the micro-batches
     some stage of that replica lacks are sent again (stages that have one already forward it without counting
-    it twice); after max_restarts deaths the run stops, its snapshots kept for a resume.
+    it twice); past the restart budget the run stops, its snapshots kept for a resume.
     """
 
-    def __init__(self, ray, grid: ActorGrid, max_inflight: int, max_restarts: int, checkpoint_dir: str | None):
+    def __init__(self, ray, grid: ActorGrid, max_inflight: int, budget: RestartBudget, checkpoint_dir: str | None):
         self.ray, self.grid, self.max_inflight = ray, grid, max_inflight
-        self.max_restarts, self.checkpoint_dir = max_restarts, checkpoint_dir
-        self.restarts = self.replayed = 0
+        self.budget, self.checkpoint_dir = budget, checkpoint_dir
+        self.replayed = 0
 
     def run(self, blocks: torch.Tensor, batch_size: int, progress: Callable[[int], None] | None) -> StreamResult:
         from ray.exceptions import RayActorError, RayTaskError
@@ -288,22 +434,16 @@ class StreamPass:
             self.ray.get([a.checkpoint.remote() for a in self.grid.all()])
         return StreamResult(tokens=int(blocks.numel()), stream_s=time.perf_counter() - t0,
                             driver_wait_s=window.wait_s, restored_batches=restored,
-                            replayed_batches=self.replayed, actor_restarts=self.restarts)
+                            replayed_batches=self.replayed, actor_restarts=self.budget.used)
 
     def _recover(self, r: int, share: list[int], window: Window, pending: dict[int, list[int]]) -> None:
         """An actor of replica r died: drain the replica, recreate its dead actors from their snapshots, and
         queue again what any of its stages lacks."""
-        self.restarts += 1
-        if self.restarts > self.max_restarts:
-            saved = f"statistics checkpointed in {self.checkpoint_dir}" if self.checkpoint_dir else \
-                "no checkpoint directory was set"
-            raise WorkerLostError(
-                f"actors died {self.restarts} times (limit {self.max_restarts}); {saved}. Fix the cause "
-                "(memory? a lost node?) and rerun the same command to resume from the checkpoint")
+        self.budget.spend("streaming")
         lost = window.forget(r)
         if lost:
             self.ray.wait(lost, num_returns=len(lost), timeout=60)
-        self.grid.restart_dead(r)
+        self.grid.restart_dead([r])
         submitted = [k for k in share if k not in pending[r]]
         again = missing_batches(submitted, self.grid.done_batches(r))
         self.replayed += len(again)

@@ -33,7 +33,7 @@ class Selection:
 
 
 def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selection: Selection,
-                 timer: PhaseTimer, stream: StreamResult, workers: list[WorkerReport], placement: list[Placement],
+                 timer: PhaseTimer, stream: StreamResult, recovery: dict, workers: list[WorkerReport], placement: list[Placement],
                  plan: ShardPlan, backend: str, dtype: str, device: str, output: dict, config: dict) -> dict:
     """The report of one calibration (the layout of nbl_report.json): what ran, where, how long, and its result."""
     return {
@@ -47,7 +47,7 @@ def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selec
         "layers": selection.layer_rows(),
         "timings": {**timer.phases, "total": timer.total(),
                     "tokens_per_s": tokens / max(timer.phases["stream"], 1e-9), **stream.timings()},
-        "recovery": stream.recovery(),
+        "recovery": recovery,
         "workers": [w.to_report() for w in workers],
         "placement": [p.to_report() for p in placement],
         "plan": plan.to_dict(),

@@ -173,3 +173,54 @@ def test_merge_any_split_any_order(cuts, order_seed, mean_scale):
         merged = parts[i].merge(parts[j]) if rng.random() < 0.5 else parts[j].merge(parts[i])
         parts = [p for k, p in enumerate(parts) if k not in (i, j)] + [merged]
     assert_matches(parts[0], x, a, 1e-10)
+
+
+def kill_pid_of(actor):
+    os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_actor_killed_in_every_phase_gives_the_undisturbed_result(local_ray, make_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """One actor is killed in each phase after the stream (the stream's own kill test is above), and one is
+    killed while it is being constructed: every one is recreated from its snapshot, replica 0's merges and fits
+    are redone where they were lost, and W, b, bounds and losses equal an undisturbed in-process run (1e-9)."""
+    from nbl_dist.ray_backend import ActorGrid, RayBackend
+
+    src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
+    blocks = torch.randint(0, 320, (10, 32), generator=torch.Generator().manual_seed(21))
+    kw = dict(blocks=blocks, rank_by="loss", score_samples=2, **quiet())
+    ref = calibrate(src, tmp_path / "ref", backend="in-process", **kw)
+
+    def before(cls, method, victim):
+        """Kill victim(backend) the first time cls.method is called, then call it."""
+        original, fired = getattr(cls, method), []
+
+        def wrapped(self, *args, **kwargs):
+            if not fired:
+                fired.append(method)
+                victim(self)
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, method, wrapped)
+        return fired
+
+    def start_and_kill(grid, restore):  # the actor dies before its constructor has run or finished
+        ActorGrid_start(grid, restore)
+        ray.kill(grid.rows[1][0], no_restart=True)
+
+    ActorGrid_start = ActorGrid.start
+    monkeypatch.setattr(ActorGrid, "start", start_and_kill)
+    fired = [before(RayBackend, "reduce", lambda b: kill_pid_of(b.grid.rows[0][1])),  # an owner, before merging
+             before(RayBackend, "scores", lambda b: kill_pid_of(b.grid.rows[0][1])),  # an owner, after merging
+             before(RayBackend, "fit", lambda b: kill_pid_of(b.grid.rows[0][0])),  # an owner, merged statistics lost
+             before(RayBackend, "loss_scores", lambda b: kill_pid_of(b.grid.rows[1][1])),
+             before(RayBackend, "get_fit", lambda b: kill_pid_of(b.grid.rows[0][1]))]  # fits not handed over lost
+    rep = calibrate(src, tmp_path / "run", stages=2, replicas=2, max_restarts=10, **kw)
+    assert all(fired)
+    assert rep["recovery"]["restarts_by_phase"] == {
+        "loading weights": 1, "merging replicas": 1, "scoring": 1, "fitting": 1, "scoring candidates": 1,
+        "handing over fits": 1}
+    assert rep["recovery"]["actor_restarts"] == 6
+    assert_same_result(tmp_path / "run", rep, tmp_path / "ref", ref)
+    for a, b in zip(rep["layers"], ref["layers"]):
+        assert a["loss_increase"] == pytest.approx(b["loss_increase"], rel=1e-7, abs=1e-12)
