@@ -238,6 +238,9 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
                           dtype=str(dtype).removeprefix("torch."), device=device, output=output,
                           config=dataclasses.asdict(cfg))
     publish(report, tmp, final, cfg.plot, snapshots[0] if snapshots and not cfg.keep_checkpoint else None)
+    if recovery["actor_restarts"]:
+        log(f"Recovered from {recovery['actor_restarts']} actor deaths {recovery['restarts_by_phase']}; waited "
+            f"{recovery['restart_wait_s']:.1f} s for the recreated actors to load (and to be placed)")
     log(f"Linearized layers {selection.selected} (by {cfg.rank_by}); wrote {final} "
         f"({fmt_bytes(output['removed_bytes'] - output['added_bytes'])} smaller) "
         f"in {report['timings']['total']:.1f} s, {report['timings']['tokens_per_s']:,.0f} tok/s streaming")

@@ -271,9 +271,12 @@ class RayBackend:
     def stream(self, blocks: torch.Tensor, batch_size: int,
                progress: Callable[[int], None] | None = None) -> StreamResult:
         """Push every micro-batch of blocks (N, T) through its replica's chain of actors (see StreamPass)."""
+        restarts = self.budget.used
         result = StreamPass(self._ray, self.grid, self.max_inflight, self.budget,
                             self.checkpoint_dir).run(blocks, batch_size, progress)
         self.owners.streamed = True
+        if self.budget.used > restarts:  # recreated actors may run elsewhere now (a lost node's bundle moved)
+            self.placement = self._phase("loading weights", self.grid.placements)
         return result
 
     def reduce(self, window: int = 2) -> None:
