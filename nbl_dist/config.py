@@ -4,9 +4,10 @@ unpacked into explicit arguments. Library functions below the pipeline never rec
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
-from nbl_dist.errors import ConfigError
+from nbl_dist.errors import ConfigError, PlanError
 from nbl_dist.selection import MEASURED_RULES, RANK_RULES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -88,6 +89,31 @@ class CalibrationConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**values)
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """A memory size: '80GiB', '1.5GB', '512MiB', '1e9' or a number of bytes.
+
+    Args:
+        text: the size as written, a number of bytes, or None.
+    Returns:
+        The size in bytes (None for None).
+    Raises:
+        PlanError: the text is not a size.
+    """
+    if text is None or isinstance(text, int):
+        return text
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9,
+             "tb": 1e12, "b": 1}
+    t = str(text).strip().lower().replace(" ", "")
+    unit = next((u for u in sorted(units, key=len, reverse=True) if t.endswith(u)), None)
+    try:
+        number = float(t[: -len(unit)] if unit else t) * (units[unit] if unit else 1)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise PlanError(f"cannot read the memory size {text!r}; write it like 80GiB, 24GB or 512MiB")
+    return int(number)
 
 
 def load_yaml(path: str | Path) -> dict:
