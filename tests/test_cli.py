@@ -4,6 +4,7 @@ parse; `nbl-dist report` prints the table."""
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 
 from nbl_dist.cli import build_parser, config_from_args, main
 from nbl_dist.config import CalibrationConfig, load_yaml
+from nbl_dist.selection import RANK_RULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +184,20 @@ def test_unexpected_errors_keep_their_traceback(model_dir, data_dir, tmp_path, m
     monkeypatch.setattr("nbl_dist.pipeline.calibrate", bug)
     with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line error: bugs stay visible
         main(base(model_dir, data_dir, tmp_path / "o", "--linearize", "1"))
+
+
+def test_readme_options_table_matches_the_flags():
+    """The README's calibrate options table names every flag built from the config fields, and only those; a
+    flag shown with its choices (--rank-by cca|nmse|...) shows only valid ones, and all the ranking rules."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("| option | meaning |")
+    table = readme[start:readme.index("\n\n", start)]
+    flags = {o: a for a in calibrate_subparser()._actions for o in a.option_strings}
+    flags = {o: a for o, a in flags.items() if a.dest not in ("help", "config")}
+    assert set(re.findall(r"--[a-z][a-z-]*", table)) == set(flags)
+    shown = dict(re.findall(r"(--[a-z-]+) ((?:[A-Za-z0-9_-]+\\\|)+[A-Za-z0-9_-]+)", table))
+    assert "--rank-by" in shown
+    for name, choices in shown.items():
+        listed = choices.split("\\|")
+        assert set(listed) <= set(flags[name].choices), (name, listed)
+    assert shown["--rank-by"].split("\\|") == list(RANK_RULES)
