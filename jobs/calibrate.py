@@ -4,6 +4,9 @@
         python jobs/calibrate.py --config jobs/configs/smollm2.yaml
 
 Inside a job it joins the cluster the job runs on (Ray sets RAY_ADDRESS for the entry point).
+Errors go through the same boundary as the CLI (nbl_dist.cli.main): a bad option, config file or model is one
+`nbl-dist: error: ...` line on stderr and exit status 2, so the job fails fast and says why; a bug keeps its
+traceback.
 """
 
 import sys

@@ -3,82 +3,81 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from nbl_dist.config import (
-    BACKENDS,
-    DEVICES,
-    DTYPES,
-    PLACEMENTS,
-    CalibrationConfig,
-    load_yaml,
-)
+from nbl_dist.config import CalibrationConfig, flag, load_yaml
 from nbl_dist.errors import NBLError
-from nbl_dist.selection import RANK_RULES
+
+# Options of `calibrate` that are not config fields: they say where the options come from.
+NOT_FIELDS = ("config",)
 
 
 def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The calibrate options (shared with jobs/calibrate.py). Defaults are None so a YAML config can fill them."""
-    p.add_argument("--model", required=required, help="Hugging Face checkpoint folder (safetensors)")
-    p.add_argument("--data", help="calibration text: .txt/.jsonl/.json/.parquet file or folder")
-    p.add_argument("--out", required=required, help="output folder (linearized checkpoint + report)")
-    p.add_argument("--samples", type=int, help="number of token blocks (default 128)")
-    p.add_argument("--seq-len", type=int, help="tokens per block (default 2048)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--linearize", type=int, help="number of attention layers to linearize")
-    g.add_argument("--max-bound", type=float, help="linearize every layer whose CCA bound is at most this")
-    p.add_argument("--rank-by", choices=RANK_RULES, help="layer ranking rule (default cca)")
-    p.add_argument("--score-samples", type=int,
-                   help="held-back blocks, not used for statistics, scored by --rank-by loss (default 8)")
-    p.add_argument("--stages", type=int, help="pipeline stages (actors per replica, default 1)")
-    p.add_argument("--replicas", type=int, help="data-parallel pipeline replicas (default 1)")
-    p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 1)")
-    p.add_argument("--max-inflight", type=int, help="micro-batches in flight per replica (default 2)")
-    p.add_argument("--dtype", choices=DTYPES, help="forward dtype (default auto)")
-    p.add_argument("--device", choices=DEVICES, help="forward device (default auto)")
-    p.add_argument("--seed", type=int, help="random choice of blocks with this seed (default: the first N)")
-    p.add_argument("--address", help="Ray cluster to join (default: the cluster of the Ray job it runs in, else "
-                                      "a local Ray started in this process)")
-    p.add_argument("--text-column", help="text column of .jsonl/.json/.parquet data (default text)")
-    p.add_argument("--ridge", type=float, help="ridge lambda, relative to mean(diag(C)) (default: only if needed)")
-    p.add_argument("--backend", choices=BACKENDS, help="ray (default) or in-process")
-    p.add_argument("--placement", choices=PLACEMENTS, help="placement-group strategy (default PACK)")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor")
-    p.add_argument("--device-memory", help="memory budget per actor, e.g. 80GiB (default: the GPU's memory, or "
-                                           "available RAM / actors for a local CPU run)")
-    p.add_argument("--host-memory", help="host RAM per actor for statistics kept on the host, e.g. 256GiB")
-    p.add_argument("--stats-device", choices=("auto", "device", "cpu"),
-                   help="where statistics live: the actor's device, host memory, or auto (default)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
-    p.add_argument("--checkpoint-dir", help="where actors checkpoint statistics (default: .OUT.ckpt beside --out)")
-    p.add_argument("--checkpoint-every", type=int, help="micro-batches between checkpoints (default 20)")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="resume from the checkpoint (rerunning the same command resumes anyway)")
-    p.add_argument("--keep-checkpoint", action="store_true", default=None,
-                   help="keep the finished statistics, so a later run with another --rank-by or --linearize "
-                        "(same model, data, stages, replicas, batch size, dtype) skips the streaming pass")
-    p.add_argument("--max-restarts", type=int, help="actor deaths survived before giving up (default 3)")
-    p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG plot")
+    """The calibrate options (shared with jobs/calibrate.py), one per CalibrationConfig field, built from the
+    fields' metadata so that --help, the YAML keys and the Python keywords cannot drift apart.
+
+    Values stay strings here and default to None, so that a YAML config can fill them and CalibrationConfig
+    converts and checks every value the same way whichever way it came in (argparse still checks choices).
+
+    Args:
+        p: the parser (or sub-parser) to add the flags to.
+        required: make --model and --out required by argparse (False when a --config file may give them).
+    """
+    groups = {}  # metadata group -> argparse mutually exclusive group (--linearize | --max-bound)
+    for f in dataclasses.fields(CalibrationConfig):
+        group = f.metadata["group"]
+        if group and group not in groups:
+            groups[group] = p.add_mutually_exclusive_group()
+        (groups[group] if group else p).add_argument(*flag_spec(f), **argument_kwargs(f, required))
+
+
+def flag_spec(f: dataclasses.Field) -> tuple[str, ...]:
+    """A field's flag: --seq-len; a switch that defaults to on is turned off with --no-NAME."""
+    return (f"--no-{f.name.replace('_', '-')}",) if f.default is True else (flag(f.name),)
+
+
+def argument_kwargs(f: dataclasses.Field, required: bool) -> dict:
+    """argparse keywords for a field: a switch for a bool, else a string value (with its choices)."""
+    help_text = f.metadata["help"]
+    if f.default is not dataclasses.MISSING and f.default is not None and not isinstance(f.default, bool):
+        help_text += f" (default {f.default})"
+    kwargs = {"dest": f.name, "default": None, "help": help_text}
+    if isinstance(f.default, bool):
+        return {**kwargs, "action": "store_false" if f.default else "store_true"}
+    if f.default is dataclasses.MISSING:
+        kwargs["required"] = required
+    if f.metadata["choices"]:
+        kwargs["choices"] = f.metadata["choices"]
+    return kwargs
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> CalibrationConfig:
-    """Command-line values over a YAML base over the defaults."""
+    """Command-line values over a YAML base over the defaults, through the one builder of a config.
+
+    Args:
+        args: the parsed `calibrate` command line (unset options are None).
+        base: options read from the --config file, if any.
+    Returns:
+        The converted, validated config.
+    Raises:
+        ConfigError: an unknown, missing, mistyped, out-of-range or conflicting option.
+    """
     values = dict(base or {})
     for k, v in vars(args).items():
-        if k in ("command", "config", "func") or v is None:
+        if k in (*NOT_FIELDS, "command", "func") or v is None:
             continue
         values[k] = v
-    for req in ("model", "out"):
-        if not values.get(req):
-            raise NBLError(f"--{req} is required (on the command line or in the --config file)")
-    return CalibrationConfig.from_dict(values).validate()
+    return CalibrationConfig.from_dict(values)
 
 
 def cmd_calibrate(args) -> int:
+    # The whole config is converted and checked here, before the pipeline reads the tokenizer or any weight.
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    cfg = config_from_args(args, base)
     from nbl_dist.pipeline import calibrate
 
-    base = load_yaml(args.config) if getattr(args, "config", None) else None
-    calibrate(config_from_args(args, base))
+    calibrate(cfg)
     return 0
 
 
@@ -241,12 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary of the command line and of jobs/calibrate.py.
+
+    An expected failure (an NBLError: bad input, environment, cluster) is one line on stderr and exit status 2,
+    like argparse's own usage errors; any other exception keeps its traceback, because it is a bug.
+
+    Args:
+        argv: the arguments after the program name (default: sys.argv[1:]).
+    Returns:
+        The exit status.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except NBLError as e:
-        print(f"nbl-dist: error: {e}", file=sys.stderr)
+        print(f"nbl-dist: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    """A message on one line (a log reader greps for the 'nbl-dist: error:' line)."""
+    return " ".join(line.strip() for line in message.splitlines())
 
 
 if __name__ == "__main__":

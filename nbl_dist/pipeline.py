@@ -8,6 +8,7 @@ nbl_report.json.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -258,10 +259,25 @@ def publish(report: dict, tmp: Path, final: Path, plot: bool, drop_snapshots: Pa
         shutil.rmtree(drop_snapshots, ignore_errors=True)
 
 
-def calibrate_api(model: str, out: str, **options) -> dict:
-    """nbl_dist.calibrate(model=..., out=..., data=..., linearize=..., ...): the Python entry point."""
-    blocks = options.pop("blocks", None)
-    log = options.pop("log", lambda *a: print(*a, file=sys.stderr))
-    on_progress = options.pop("on_progress", None)
-    cfg = CalibrationConfig.from_dict({"model": str(model), "out": str(out), **options})
+def calibrate_api(model: str | os.PathLike, out: str | os.PathLike, *, blocks: torch.Tensor | None = None,
+                  log: Callable[..., None] | None = None, on_progress: Callable[[int], None] | None = None,
+                  **options) -> dict:
+    """nbl_dist.calibrate(model=..., out=..., data=..., linearize=..., ...): the Python entry point.
+
+    Args:
+        model: the checkpoint folder (--model).
+        out: the output folder (--out).
+        blocks: (N, T) token ids to use instead of reading `data`.
+        log: where progress text goes (default: stderr).
+        on_progress: called with the token count of every finished micro-batch.
+        **options: any other calibrate option by its field name (seq_len=..., rank_by=...); a string of the
+            declared type ("4", "1e-6") is converted, like a YAML value.
+    Returns:
+        The report (nbl_report.json as a dict).
+    Raises:
+        ConfigError: an unknown, mistyped, out-of-range or conflicting option, before anything is read.
+        NBLError: any other expected failure (model folder, data, memory plan, cluster), as its typed subclass.
+    """
+    cfg = CalibrationConfig.from_dict({"model": model, "out": out, **options})
+    log = log if log is not None else (lambda *a: print(*a, file=sys.stderr))
     return calibrate(cfg, blocks=blocks, log=log, on_progress=on_progress)

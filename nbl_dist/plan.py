@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from nbl_dist.arch import adapter_for, meta_model
+from nbl_dist.config import parse_bytes  # noqa: F401  (re-exported: it moved to the torch-free config module)
 from nbl_dist.errors import PlanError
 
 STATS_MATRICES = 3  # M_xx, M_ax, M_aa, float64
@@ -249,19 +250,3 @@ def _smallest_stages(config, device_memory, stats_device, host_memory, start, pl
         if check_memory(config, p, device_memory, host_memory, stats_device, **plan_kwargs).fits:
             return p
     return None
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """'80GiB', '1.5GB', '512MiB', '1e9' or a number of bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9,
-             "tb": 1e12, "b": 1}
-    t = str(text).strip().lower().replace(" ", "")
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * units[u])
-    try:
-        return int(float(t))
-    except ValueError:
-        raise PlanError(f"cannot read the memory size {text!r}; write it like 80GiB, 24GB or 512MiB") from None

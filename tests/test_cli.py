@@ -1,14 +1,21 @@
 """Command line: bad input is caught up front with a message naming the problem and the fix; shipped configs
 parse; `nbl-dist report` prints the table."""
 
+import argparse
+import dataclasses
 import json
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from nbl_dist.cli import build_parser, config_from_args, main
-from nbl_dist.config import load_yaml
+from nbl_dist.config import CalibrationConfig, load_yaml
+from nbl_dist.selection import RANK_RULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +103,101 @@ def test_shipped_configs_parse():
         args = parser.parse_args(["calibrate", "--config", str(path)])
         cfg = config_from_args(args, load_yaml(path))
         assert cfg.model and cfg.out and (cfg.linearize or cfg.max_bound), path
+
+
+def calibrate_subparser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["calibrate"]
+
+
+def test_every_config_field_is_exactly_one_flag_and_back():
+    fields = {f.name: f for f in dataclasses.fields(CalibrationConfig)}
+    actions = [a for a in calibrate_subparser()._actions if a.dest not in ("help", "config")]
+    assert sorted(a.dest for a in actions) == sorted(fields)  # each field once, no flag without a field
+    for a in actions:
+        f = fields[a.dest]
+        expected = f"--no-{a.dest.replace('_', '-')}" if f.default is True else "--" + a.dest.replace("_", "-")
+        assert a.option_strings == [expected] and a.default is None, a
+        assert a.help.startswith(f.metadata["help"]) and tuple(a.choices or ()) == (f.metadata["choices"] or ())
+        if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
+            assert a.help.endswith(f"(default {f.default})"), a.help
+
+
+def test_yaml_exponents_are_floats_end_to_end(model_dir, data_dir, tmp_path, capsys):
+    # PyYAML reads 1e-6 and 5e1 (no dot) as strings: this used to fail with a TypeError after the whole pass.
+    out = tmp_path / "o"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {model_dir}\ndata: {data_dir}\nout: {out}\nsamples: 2\nseq-len: 16\n"
+                    "backend: in-process\nridge: 1e-6\nmax-bound: 5e1\n")
+    assert main(["calibrate", "--config", str(path)]) == 0, capsys.readouterr().err
+    config = json.loads((out / "nbl_report.json").read_text())["config"]
+    assert config["ridge"] == 1e-6 and config["max_bound"] == 50.0
+    assert type(config["ridge"]) is float and type(config["max_bound"]) is float
+
+
+BAD_KEYS = [("linearise: 4\n", "linearise", "did you mean 'linearize'?"),
+            ("linearize: 1\nstages: two\n", "stages", "must be a whole number")]
+
+
+def bad_yaml(tmp_path, model_dir, data_dir, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model: {model_dir}\ndata: {data_dir}\nout: {tmp_path / 'o'}\nbackend: in-process\n{text}")
+    return path
+
+
+def assert_one_error_line(err, key, hint):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbl-dist: error: ") and "Traceback" not in err, err
+    assert repr(key) in lines[0] and hint in lines[0], err
+
+
+@pytest.mark.parametrize("text, key, hint", BAD_KEYS)
+def test_bad_yaml_key_refused_by_the_cli(model_dir, data_dir, tmp_path, capsys, text, key, hint):
+    t0 = time.perf_counter()
+    code, err = run_cli(["calibrate", "--config", str(bad_yaml(tmp_path, model_dir, data_dir, text))], capsys)
+    assert code == 2 and time.perf_counter() - t0 < 10 and not (tmp_path / "o").exists()
+    assert_one_error_line(err, key, hint)
+
+
+@pytest.mark.parametrize("text, key, hint", BAD_KEYS)
+def test_bad_yaml_key_refused_by_the_job(model_dir, data_dir, tmp_path, text, key, hint):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "calibrate.py"), "--config",
+                           str(bad_yaml(tmp_path, model_dir, data_dir, text))], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and time.perf_counter() - t0 < 10, proc.stderr
+    assert_one_error_line(proc.stderr, key, hint)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mistyped_flag_names_the_option(model_dir, data_dir, tmp_path, capsys):
+    code, err = run_cli(base(model_dir, data_dir, tmp_path / "o", "--linearize", "1", "--stages", "two"), capsys)
+    assert code == 2
+    assert_one_error_line(err, "stages", "must be a whole number")
+
+
+def test_unexpected_errors_keep_their_traceback(model_dir, data_dir, tmp_path, monkeypatch):
+    def bug(*a, **k):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr("nbl_dist.pipeline.calibrate", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line error: bugs stay visible
+        main(base(model_dir, data_dir, tmp_path / "o", "--linearize", "1"))
+
+
+def test_readme_options_table_matches_the_flags():
+    """The README's calibrate options table names every flag built from the config fields, and only those; a
+    flag shown with its choices (--rank-by cca|nmse|...) shows only valid ones, and all the ranking rules."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("| option | meaning |")
+    table = readme[start:readme.index("\n\n", start)]
+    flags = {o: a for a in calibrate_subparser()._actions for o in a.option_strings}
+    flags = {o: a for o, a in flags.items() if a.dest not in ("help", "config")}
+    assert set(re.findall(r"--[a-z][a-z-]*", table)) == set(flags)
+    shown = dict(re.findall(r"(--[a-z-]+) ((?:[A-Za-z0-9_-]+\\\|)+[A-Za-z0-9_-]+)", table))
+    assert "--rank-by" in shown
+    for name, choices in shown.items():
+        listed = choices.split("\\|")
+        assert set(listed) <= set(flags[name].choices), (name, listed)
+    assert shown["--rank-by"].split("\\|") == list(RANK_RULES)

@@ -7,6 +7,7 @@ import torch
 
 from nbl_dist import synthetic
 from nbl_dist.cli import _config_from_path, main
+from nbl_dist.errors import PlanError
 from nbl_dist.plan import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, check_memory, make_plan, parse_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,9 @@ def test_plan_arithmetic_by_hand():
 def test_parse_bytes():
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000
     assert parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("1e9") == 10**9
+    for bad in ("fooGB", "GiB", "lots", "infGB", ""):  # "fooGB" used to escape as a bare ValueError
+        with pytest.raises(PlanError, match="cannot read the memory size"):
+            parse_bytes(bad)
 
 
 def test_plan_cli_and_calibrate_refuses_before_loading(make_model_dir, tmp_path, capsys):
