@@ -96,6 +96,9 @@ class RestartBudget:
 class ActorGrid:
     """The actors, [replica][stage], each in its own bundle: made, restarted from its snapshot, found by layer.
 
+    A recreated actor gets restart_timeout_s to answer: it reloads its weights, and on a lost node Ray must first
+    place its bundle on another node with room.
+
     Args:
         cluster: where the bundles are reserved.
         plan: the shard plan (stages x replicas).
@@ -104,13 +107,14 @@ class ActorGrid:
         worker_kwargs: ShardWorker arguments common to every actor.
     """
 
+    restart_timeout_s = 600.0
+
     def __init__(self, cluster: RayCluster, plan: ShardPlan, model_dir: str, worker_cls: type, options: dict,
                  worker_kwargs: dict):
         self.cluster, self.plan, self.model_dir = cluster, plan, model_dir
         self.remote_cls = cluster.ray.remote(worker_cls)
         self.options, self.worker_kwargs = options, worker_kwargs
         self.rows: list[list] = []
-        self.restart_timeout_s = 600.0  # a restarted actor reloads its weights; on a lost node, Ray re-places it
         self.waited_s = 0.0  # time spent bringing actors back
 
     def start(self, restore: bool) -> None:

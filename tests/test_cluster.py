@@ -158,3 +158,40 @@ def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_lost_node_without_room_is_refused_clearly(make_model_dir, tmp_path, monkeypatch):
+    """Two nodes, two stages, no spare: when the worker node is lost, no node can take its actor back; the run
+    stops with a message saying so once the restart time is up, and leaves no output behind."""
+    from nbl_dist.errors import WorkerLostError
+    from nbl_dist.ray_backend import ActorGrid
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setattr(ActorGrid, "restart_timeout_s", 15.0)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
+        blocks = torch.randint(0, 320, (12, 32), generator=torch.Generator().manual_seed(6))
+
+        def remove_worker(tokens, seen=[]):
+            seen.append(tokens)
+            if len(seen) == 2:
+                cluster.remove_node(worker, allow_graceful=False)
+                deadline = time.time() + 60
+                while any(n["NodeID"] == worker.node_id and n["Alive"] for n in ray.nodes()) and \
+                        time.time() < deadline:
+                    time.sleep(0.5)
+
+        t0 = time.perf_counter()
+        with pytest.raises(WorkerLostError, match=r"could not start again within 15 s.*no live node has room"):
+            calibrate(src, tmp_path / "run", blocks=blocks, batch_size=1, linearize=2, dtype="float64",
+                      stages=2, placement="SPREAD", on_progress=remove_worker, log=lambda *a: None)
+        assert time.perf_counter() - t0 < 120
+        assert not (tmp_path / "run").exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
