@@ -132,8 +132,9 @@ def child_env(tmp_path: Path) -> dict:
 def run_child(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """Run `script` in a fresh isolated interpreter (-I: no PYTHONPATH, no script folder on sys.path), stdin
     closed so that transformers' remote-code prompt gets no answer."""
-    return subprocess.run([sys.executable, "-I", "-c", script, *map(str, args)], cwd=tmp_path, env=child_env(tmp_path),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-I", "-c", script, *map(str, args)], cwd=tmp_path,
+                          env=child_env(tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_config_names_the_linearized_model(run):
