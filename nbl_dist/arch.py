@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nbl_dist.errors import UnsupportedArchitectureError
+from nbl_dist.modeling_nbl import base_model_type
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -55,10 +56,6 @@ class ArchAdapter:
         decoder.rotary_emb = build_rotary(type(decoder.rotary_emb), config, device)
         return decoder.rotary_emb
 
-    def tie_head(self, model: nn.Module) -> None:
-        """Point the output head at the input embedding (tie_word_embeddings checkpoints store it once)."""
-        model.lm_head.weight = self.embed_tokens(self.decoder(model)).weight
-
     # ---------------------------------------------------------------- checkpoint keys
     def layer_key_prefix(self, i: int) -> str:
         return f"{self.layer_prefix}{i}."
@@ -88,8 +85,11 @@ class ArchAdapter:
 
 
 def adapter_for(config) -> ArchAdapter:
-    """The adapter for a transformers config; a clear error for anything else."""
-    model_type = getattr(config, "model_type", None)
+    """The adapter for a transformers config; a clear error for anything else.
+
+    An nbl-dist output ("nbl_llama", ...) keeps its family's layout, so it gets that family's adapter.
+    """
+    model_type = base_model_type(getattr(config, "model_type", None))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported; nbl-dist supports {', '.join(SUPPORTED_MODEL_TYPES)} "

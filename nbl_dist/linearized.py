@@ -1,9 +1,12 @@
 """The linearized model: a decoder layer whose attention sub-layer is the affine map h + W h + b.
 
 The output folder is a standard Hugging Face checkpoint: every tensor of the source except a linearized layer's
-`self_attn.*` and `input_layernorm.*`, plus `model.layers.{i}.nbl_linear.{weight,bias}`, and config.json with an
-"nbl" section. `load_linearized` rebuilds the transformers model from it without trust_remote_code.
-Every place that swaps a decoder layer for its linearized form goes through `linearize_layer`.
+`self_attn.*` and `input_layernorm.*`, plus `model.layers.{i}.nbl_linear.{weight,bias}`; config.json with a
+model_type of its own ("nbl_llama", ...), an "nbl" section and an auto_map naming modeling_nbl.py, a verbatim copy
+of nbl_dist/modeling_nbl.py, which defines the model classes. `import nbl_dist` registers those classes with
+transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(OUT)` loads it (so does
+`trust_remote_code=True` without nbl-dist, and `load_linearized`, an alias of the former).
+Every place that swaps a decoder layer for its linearized form in memory goes through `linearize_layer`.
 """
 
 from __future__ import annotations
@@ -13,48 +16,38 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from nbl_dist import modeling_nbl
 from nbl_dist.arch import ArchAdapter, adapter_for
 from nbl_dist.errors import CheckpointError
+from nbl_dist.modeling_nbl import NBL_FAMILIES, NBLDecoderLayer
 from nbl_dist.safetensors_io import (
     INDEX_NAME,
+    SINGLE_NAME,
     TensorSource,
-    load_tensors,
     tensor_specs,
     torch_dtype,
     weight_map,
     write_safetensors_streaming,
 )
 
+__all__ = ["NBLDecoderLayer", "apply_linearization", "linearize_layer", "load_linearized", "register_auto_classes",
+           "write_linearized"]
+
 NBL_FILE = "model-nbl.safetensors"
-FORMAT_VERSION = 1
-
-
-class NBLDecoderLayer(nn.Module):
-    """Decoder layer with its attention (and input norm) replaced: h_mid = h + W h + b, then the original MLP.
-
-    Holds no KV cache of its own, but writes a (batch, 1, seq, 1) placeholder into its cache slot: transformers
-    reads the sequence length from layer 0's cache (positions, masks), so a linearized layer 0 must keep counting.
-    """
-
-    def __init__(self, hidden_size: int, post_attention_layernorm: nn.Module, mlp: nn.Module, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.nbl_linear = nn.Linear(hidden_size, hidden_size, bias=True)
-        self.post_attention_layernorm = post_attention_layernorm
-        self.mlp = mlp
-
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> torch.Tensor:
-        if past_key_values is not None:
-            b, t, _ = hidden_states.shape
-            stub = hidden_states.new_zeros(b, 1, t, 1)
-            past_key_values.update(stub, stub, self.layer_idx)
-        h = hidden_states + self.nbl_linear(hidden_states)  # (B, T, d)
-        return h + self.mlp(self.post_attention_layernorm(h))
+# A single-file source's tensors go here: the output always has an index, and transformers reads
+# model.safetensors alone, ignoring the index, when both are there.
+KEPT_NAME = "model-kept.safetensors"
+# 2: config.json has model_type "nbl_<family>" and an auto_map; 1 kept the source's model_type (load_linearized
+# refuses it: transformers would build the linearized layers with attention).
+FORMAT_VERSION = 2
+MODELING_FILE = Path(modeling_nbl.__file__)
+MODELING_MODULE = MODELING_FILE.stem  # "modeling_nbl": the module name auto_map entries start with
 
 
 Fit = tuple[torch.Tensor, torch.Tensor]  # (W (d, d), b (d,)) of one layer
@@ -141,11 +134,29 @@ def write_linearized(src_dir: str | Path, out_dir: str | Path, layers: list[int]
     total += added
     (out_dir / INDEX_NAME).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2))
-    config["nbl"] = nbl_section(sorted(selected), nbl_meta)
+    config.update(nbl_config_fields(adapter.model_type))
+    config["nbl"] = nbl_section(sorted(selected), {"base_model_type": adapter.model_type, **(nbl_meta or {})})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     _copy_side_files(src_dir, out_dir)
+    # After the side files, so that this file wins over any file of the same name in the source.
+    shutil.copyfile(MODELING_FILE, out_dir / MODELING_FILE.name)
     return {"files": sorted(set(new_map.values())), "total_size": total, "removed_bytes": removed,
             "added_bytes": added}
+
+
+def nbl_config_fields(family: str) -> dict:
+    """The config.json fields that make transformers build the linearized model of `family` ("llama", ...).
+
+    Args:
+        family: the source's model_type.
+    Returns:
+        {"model_type": "nbl_<family>", "architectures": [class name], "auto_map": {...}}; auto_map names the
+        classes in modeling_nbl.py for loaders that run without nbl-dist (trust_remote_code=True).
+    """
+    config_cls, model_cls = NBL_FAMILIES[family]
+    return {"model_type": config_cls.model_type, "architectures": [model_cls.__name__],
+            "auto_map": {"AutoConfig": f"{MODELING_MODULE}.{config_cls.__name__}",
+                         "AutoModelForCausalLM": f"{MODELING_MODULE}.{model_cls.__name__}"}}
 
 
 def _copy_kept_tensors(src_dir: Path, out_dir: Path, adapter: ArchAdapter, specs: dict,
@@ -164,10 +175,11 @@ def _copy_kept_tensors(src_dir: Path, out_dir: Path, adapter: ArchAdapter, specs
         removed += sum(_nbytes(*specs[k]) for k in mine if adapter.is_replaced_key(k, selected))
         if not keep:
             continue
+        out_name = KEPT_NAME if fname == SINGLE_NAME else fname
         with safe_open(str(src_dir / fname), framework="pt") as f:
             sources: list[TensorSource] = [(k, *specs[k], (lambda k=k: f.get_tensor(k))) for k in keep]
-            total += write_safetensors_streaming(out_dir / fname, sources)
-        new_map.update({k: fname for k in keep})
+            total += write_safetensors_streaming(out_dir / out_name, sources)
+        new_map.update({k: out_name for k in keep})
     return new_map, total, removed
 
 
@@ -205,51 +217,66 @@ def _copy_side_files(src_dir: Path, out_dir: Path) -> None:
 
 
 def read_nbl_section(model_dir: str | Path) -> dict:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return cfg.get("nbl") or {}
+    """config.json's "nbl" section ({} for a plain checkpoint)."""
+    return _read_config(Path(model_dir)).get("nbl") or {}
 
 
 def load_linearized(model_dir: str | Path, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
     """Load an nbl-dist output folder (or any plain checkpoint) as a working transformers model.
 
-    The model is built on the meta device, the linearized layers are swapped for NBLDecoderLayers, and the
-    tensors are assigned from the safetensors files: nothing is initialised twice, no remote code runs.
+    An alias of `AutoModelForCausalLM.from_pretrained` (the classes `import nbl_dist` registers), with the
+    checkpoint's stored dtype as default and a refusal of missing or unexpected tensors.
+
+    Args:
+        model_dir: an nbl-dist output folder, or a plain checkpoint of a supported family.
+        dtype: the dtype to load in (default: that of the stored embedding).
+        device: where to put the weights.
+    Returns:
+        The model in eval mode; `model.config.nbl` is the "nbl" section, None for a plain checkpoint.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    adapter = adapter_for(config)
-    nbl = read_nbl_section(model_dir)
-    linearized = sorted(nbl.get("linearized_layers", []))
-    wmap = weight_map(model_dir)
+    raw = _read_config(model_dir)
+    adapter = adapter_for(SimpleNamespace(model_type=raw.get("model_type")))
     dtype = torch_dtype(dtype) if dtype is not None else tensor_specs(model_dir)[adapter.embed_key][0]
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = adapter.layers(model)
-    for i in linearized:
-        with torch.device("meta"):
-            layers[i] = linearize_layer(layers[i], i, adapter, config.hidden_size)
-    state, _ = load_tensors(model_dir, list(wmap), device=device, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and k == adapter.lm_head_key)]
-    if missing or unexpected:
-        raise CheckpointError(f"{str(model_dir)!r} does not match its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if tied:
-        adapter.tie_head(model)
-    # Non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: rebuild them for real.
-    adapter.rebuild_rotary(adapter.decoder(model), config, device)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise CheckpointError(f"tensors left uninitialised after loading {str(model_dir)!r}: {leftover[:5]}")
-    config.nbl = nbl or None
-    if (model_dir / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    if raw.get("nbl") and raw.get("model_type") == adapter.model_type:
+        raise CheckpointError(
+            f"{str(model_dir)!r} was written by an older nbl-dist (config.json's model_type is still "
+            f"{adapter.model_type!r}, format {raw['nbl'].get('format_version')}), which transformers would load with "
+            "random attention in the linearized layers; calibrate again to write the current format")
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device),
+                                                       output_loading_info=True)
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise CheckpointError(f"{str(model_dir)!r} does not match its config: missing {bad['missing_keys'][:5]}, "
+                              f"unexpected {bad['unexpected_keys'][:5]}, wrong shape {bad['mismatched_keys'][:5]}; "
+                              "the folder is incomplete or was edited: copy or write it again")
+    if getattr(model.config, "nbl", None) is None:
+        model.config.nbl = None  # callers read config.nbl on every loaded model, plain ones included
     return model.eval()
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{str(model_dir)!r} has no config.json: pass a folder nbl-dist calibrate wrote, "
+                              "or a Hugging Face checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def register_auto_classes() -> None:
+    """Register the linearized model classes (modeling_nbl.py) with transformers' Auto classes; `import nbl_dist`
+    calls it. Afterwards AutoConfig / AutoModelForCausalLM.from_pretrained load "nbl_<family>" folders, and
+    save_pretrained of such a model writes modeling_nbl.py and its auto_map beside the weights. Idempotent."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for config_cls, model_cls in NBL_FAMILIES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        config_cls.register_for_auto_class("AutoConfig")
+        model_cls.register_for_auto_class("AutoModelForCausalLM")
 
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:

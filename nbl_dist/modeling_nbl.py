@@ -1,0 +1,139 @@
+"""The linearized model as transformers classes: NBLDecoderLayer and, per family, a config and a causal-LM class.
+
+This file is the one definition of the linearized model, used two ways:
+- nbl-dist registers these classes with transformers' Auto classes when `nbl_dist` is imported;
+- write_linearized copies this file verbatim into every output folder as modeling_nbl.py, and config.json's
+  auto_map names its classes, so `from_pretrained(OUT, trust_remote_code=True)` loads the output without nbl-dist.
+It therefore imports only torch and transformers, never nbl_dist. docs/method.md §1 gives the math.
+
+An output folder's config.json has model_type "nbl_<family>" (e.g. "nbl_llama"), architectures
+["NBL<Family>ForCausalLM"] and an "nbl" section whose "linearized_layers" lists the layers built as NBLDecoderLayer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+NBL_MODEL_TYPE_PREFIX = "nbl_"
+
+
+class NBLDecoderLayer(nn.Module):
+    """Decoder layer with its attention (and input norm) replaced: h_mid = h + W h + b, then the original MLP.
+
+    Holds no KV cache of its own, but writes a (batch, 1, seq, 1) placeholder into its cache slot: transformers
+    reads the sequence length from layer 0's cache (positions, masks), so a linearized layer 0 must keep counting.
+    """
+
+    def __init__(self, hidden_size: int, post_attention_layernorm: nn.Module, mlp: nn.Module, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nbl_linear = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> torch.Tensor:
+        if past_key_values is not None:
+            b, t, _ = hidden_states.shape
+            stub = hidden_states.new_zeros(b, 1, t, 1)
+            past_key_values.update(stub, stub, self.layer_idx)
+        h = hidden_states + self.nbl_linear(hidden_states)  # (B, T, d)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def linearized_layers(config) -> list[int]:
+    """The layer indices config.nbl["linearized_layers"] names (none when the config has no "nbl" section)."""
+    nbl = getattr(config, "nbl", None) or {}
+    return sorted(int(i) for i in nbl.get("linearized_layers", []))
+
+
+class NBLCausalLMMixin:
+    """Builds the layers config.nbl lists as NBLDecoderLayers, keeping their post-attention norm and MLP.
+
+    The swap happens in post_init, which the family's causal-LM __init__ calls last: weight initialisation, weight
+    tying and the parallel plans then see the final modules, and from_pretrained's ordinary loading fills
+    nbl_linear and finds no attention or input-norm parameters in the linearized layers.
+    """
+
+    def post_init(self):
+        layers = self.model.layers
+        for i in linearized_layers(self.config):
+            if not 0 <= i < len(layers):
+                raise ValueError(f"config.json's nbl.linearized_layers names layer {i}, but the model has "
+                                 f"{len(layers)} layers; the folder is damaged: write it again from the original")
+            if not isinstance(layers[i], NBLDecoderLayer):
+                old = layers[i]
+                layers[i] = NBLDecoderLayer(self.config.hidden_size, old.post_attention_layernorm, old.mlp, i)
+        super().post_init()
+
+
+class NBLLlamaConfig(LlamaConfig):
+    """A Llama config whose "nbl" section lists linearized layers."""
+    model_type = "nbl_llama"
+
+
+class NBLLlamaForCausalLM(NBLCausalLMMixin, LlamaForCausalLM):
+    """LlamaForCausalLM with the layers config.nbl lists linearized."""
+    config_class = NBLLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer", "NBLDecoderLayer"]
+
+
+class NBLMistralConfig(MistralConfig):
+    """A Mistral config whose "nbl" section lists linearized layers."""
+    model_type = "nbl_mistral"
+
+
+class NBLMistralForCausalLM(NBLCausalLMMixin, MistralForCausalLM):
+    """MistralForCausalLM with the layers config.nbl lists linearized."""
+    config_class = NBLMistralConfig
+    _no_split_modules = ["MistralDecoderLayer", "NBLDecoderLayer"]
+
+
+class NBLQwen2Config(Qwen2Config):
+    """A Qwen2 config whose "nbl" section lists linearized layers."""
+    model_type = "nbl_qwen2"
+
+
+class NBLQwen2ForCausalLM(NBLCausalLMMixin, Qwen2ForCausalLM):
+    """Qwen2ForCausalLM with the layers config.nbl lists linearized."""
+    config_class = NBLQwen2Config
+    _no_split_modules = ["Qwen2DecoderLayer", "NBLDecoderLayer"]
+
+
+class NBLQwen3Config(Qwen3Config):
+    """A Qwen3 config whose "nbl" section lists linearized layers."""
+    model_type = "nbl_qwen3"
+
+
+class NBLQwen3ForCausalLM(NBLCausalLMMixin, Qwen3ForCausalLM):
+    """Qwen3ForCausalLM with the layers config.nbl lists linearized."""
+    config_class = NBLQwen3Config
+    _no_split_modules = ["Qwen3DecoderLayer", "NBLDecoderLayer"]
+
+
+# The source family's model_type -> (config class, causal-LM class) of its linearized form.
+NBL_FAMILIES = {
+    "llama": (NBLLlamaConfig, NBLLlamaForCausalLM),
+    "mistral": (NBLMistralConfig, NBLMistralForCausalLM),
+    "qwen2": (NBLQwen2Config, NBLQwen2ForCausalLM),
+    "qwen3": (NBLQwen3Config, NBLQwen3ForCausalLM),
+}
+
+
+def base_model_type(model_type: str | None) -> str | None:
+    """The source family of a model_type: "nbl_llama" -> "llama"; any other model_type is returned as it is."""
+    if model_type and model_type.startswith(NBL_MODEL_TYPE_PREFIX):
+        base = model_type[len(NBL_MODEL_TYPE_PREFIX):]
+        if base in NBL_FAMILIES:
+            return base
+    return model_type
