@@ -77,49 +77,22 @@ class NBLCausalLMMixin:
         super().post_init()
 
 
-class NBLLlamaConfig(LlamaConfig):
-    """A Llama config whose "nbl" section lists linearized layers."""
-    model_type = "nbl_llama"
+def _family(name: str, base_config: type, base_model: type) -> tuple[type, type]:
+    """The config and causal-LM classes of one family's linearized form, e.g. NBLLlamaConfig (model_type
+    "nbl_llama") and NBLLlamaForCausalLM. They are module attributes (below): auto_map names them."""
+    config = type(f"NBL{name}Config", (base_config,), {
+        "__doc__": f"A {name} config whose \"nbl\" section lists linearized layers.",
+        "model_type": f"{NBL_MODEL_TYPE_PREFIX}{name.lower()}"})
+    model = type(f"NBL{name}ForCausalLM", (NBLCausalLMMixin, base_model), {
+        "__doc__": f"{base_model.__name__} with the layers config.nbl lists linearized.",
+        "config_class": config, "_no_split_modules": [f"{name}DecoderLayer", "NBLDecoderLayer"]})
+    return config, model
 
 
-class NBLLlamaForCausalLM(NBLCausalLMMixin, LlamaForCausalLM):
-    """LlamaForCausalLM with the layers config.nbl lists linearized."""
-    config_class = NBLLlamaConfig
-    _no_split_modules = ["LlamaDecoderLayer", "NBLDecoderLayer"]
-
-
-class NBLMistralConfig(MistralConfig):
-    """A Mistral config whose "nbl" section lists linearized layers."""
-    model_type = "nbl_mistral"
-
-
-class NBLMistralForCausalLM(NBLCausalLMMixin, MistralForCausalLM):
-    """MistralForCausalLM with the layers config.nbl lists linearized."""
-    config_class = NBLMistralConfig
-    _no_split_modules = ["MistralDecoderLayer", "NBLDecoderLayer"]
-
-
-class NBLQwen2Config(Qwen2Config):
-    """A Qwen2 config whose "nbl" section lists linearized layers."""
-    model_type = "nbl_qwen2"
-
-
-class NBLQwen2ForCausalLM(NBLCausalLMMixin, Qwen2ForCausalLM):
-    """Qwen2ForCausalLM with the layers config.nbl lists linearized."""
-    config_class = NBLQwen2Config
-    _no_split_modules = ["Qwen2DecoderLayer", "NBLDecoderLayer"]
-
-
-class NBLQwen3Config(Qwen3Config):
-    """A Qwen3 config whose "nbl" section lists linearized layers."""
-    model_type = "nbl_qwen3"
-
-
-class NBLQwen3ForCausalLM(NBLCausalLMMixin, Qwen3ForCausalLM):
-    """Qwen3ForCausalLM with the layers config.nbl lists linearized."""
-    config_class = NBLQwen3Config
-    _no_split_modules = ["Qwen3DecoderLayer", "NBLDecoderLayer"]
-
+NBLLlamaConfig, NBLLlamaForCausalLM = _family("Llama", LlamaConfig, LlamaForCausalLM)
+NBLMistralConfig, NBLMistralForCausalLM = _family("Mistral", MistralConfig, MistralForCausalLM)
+NBLQwen2Config, NBLQwen2ForCausalLM = _family("Qwen2", Qwen2Config, Qwen2ForCausalLM)
+NBLQwen3Config, NBLQwen3ForCausalLM = _family("Qwen3", Qwen3Config, Qwen3ForCausalLM)
 
 # The source family's model_type -> (config class, causal-LM class) of its linearized form.
 NBL_FAMILIES = {
