@@ -1,5 +1,6 @@
 """The Ray path on real clusters: a simulated two-node cluster, and `ray job submit` against `ray start --head`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -24,14 +25,33 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def test_two_node_cluster_places_stages_on_both_nodes(make_model_dir, tmp_path):
+@contextlib.contextmanager
+def simulated_cluster(workers: int):
+    """A head and `workers` worker nodes of one CPU each (ray.cluster_utils.Cluster), this driver connected to
+    it; all shut down afterwards. Yields (cluster, worker nodes)."""
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(workers)]
     try:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def remove_node_and_wait(cluster, node, timeout_s: float = 60) -> None:
+    """Kill a node, then wait until Ray reports it dead (the run then meets its dead actors)."""
+    cluster.remove_node(node, allow_graceful=False)
+    deadline = time.time() + timeout_s
+    while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def test_two_node_cluster_places_stages_on_both_nodes(make_model_dir, tmp_path):
+    with simulated_cluster(workers=1):
         src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
         blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(3))
         quiet = dict(blocks=blocks, batch_size=2, linearize=2, dtype="float64", log=lambda *a: None)
@@ -47,9 +67,6 @@ def test_two_node_cluster_places_stages_on_both_nodes(make_model_dir, tmp_path):
             load_file(str(tmp_path / "ref/model-nbl.safetensors"))
         for k in want:
             assert (got[k] - want[k]).abs().max() <= 1e-9 * want[k].abs().max()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def free_port():
@@ -115,13 +132,7 @@ def test_ray_job_submit(make_model_dir, tmp_path):
 def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):
     """Three nodes, two stages: the node holding stage 1's actor is removed mid-stream; Ray re-places its bundle
     on the spare node, the actor is recreated there, and W, b equal the undisturbed single-process result."""
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
-    try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
+    with simulated_cluster(workers=2) as (cluster, workers):
         src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
         blocks = torch.randint(0, 320, (12, 32), generator=torch.Generator().manual_seed(5))
         quiet = dict(blocks=blocks, batch_size=1, linearize=2, dtype="float64", log=lambda *a: None)
@@ -133,10 +144,7 @@ def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):
             if len(seen) == 2 and not removed:
                 node = next(nid for nid in actor_nodes() if nid in by_id)  # a worker node holding a stage
                 removed.append(node)
-                cluster.remove_node(by_id[node], allow_graceful=False)
-                deadline = time.time() + 60
-                while any(n["NodeID"] == node and n["Alive"] for n in ray.nodes()) and time.time() < deadline:
-                    time.sleep(0.5)  # until Ray has noticed: the stream then meets the dead actor
+                remove_node_and_wait(cluster, by_id[node])
 
         def actor_nodes():
             from ray.util.state import list_actors
@@ -155,9 +163,6 @@ def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):
         assert rep["selected_layers"] == ref["selected_layers"]
         for k in want:
             assert (got[k] - want[k]).abs().max() <= 1e-9 * want[k].abs().max()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_lost_node_without_room_is_refused_clearly(make_model_dir, tmp_path, monkeypatch):
@@ -166,25 +171,15 @@ def test_lost_node_without_room_is_refused_clearly(make_model_dir, tmp_path, mon
     from nbl_dist.errors import WorkerLostError
     from nbl_dist.ray_backend import ActorGrid
 
-    if ray.is_initialized():
-        ray.shutdown()
     monkeypatch.setattr(ActorGrid, "restart_timeout_s", 15.0)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    worker = cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
+    with simulated_cluster(workers=1) as (cluster, (worker,)):
         src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
         blocks = torch.randint(0, 320, (12, 32), generator=torch.Generator().manual_seed(6))
 
         def remove_worker(tokens, seen=[]):
             seen.append(tokens)
             if len(seen) == 2:
-                cluster.remove_node(worker, allow_graceful=False)
-                deadline = time.time() + 60
-                while any(n["NodeID"] == worker.node_id and n["Alive"] for n in ray.nodes()) and \
-                        time.time() < deadline:
-                    time.sleep(0.5)
+                remove_node_and_wait(cluster, worker)
 
         t0 = time.perf_counter()
         with pytest.raises(WorkerLostError, match=r"could not start again within 15 s.*no live node has room"):
@@ -192,6 +187,3 @@ def test_lost_node_without_room_is_refused_clearly(make_model_dir, tmp_path, mon
                       stages=2, placement="SPREAD", on_progress=remove_worker, log=lambda *a: None)
         assert time.perf_counter() - t0 < 120
         assert not (tmp_path / "run").exists()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
