@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -24,7 +23,6 @@ CONFIG_NAME = "config.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Every dtype the checkpoint reader and writer can map (extra tensors are copied to the output as they are).
 KNOWN_DTYPES = (*FLOAT_DTYPES, "I64", "I32", "I16", "I8", "U8", "BOOL")
-_NBL_KEY = re.compile(r"\.nbl_linear\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +164,8 @@ def check_tensors(hf_config: PretrainedConfig, headers: dict[str, TensorHeader],
         model_dir: the checkpoint folder (for messages).
     """
     adapter = adapter_for(hf_config)
-    linearized = sorted({i for k in headers if _NBL_KEY.search(k) and (i := adapter.layer_of_key(k)) is not None})
+    linearized = sorted({i for k in headers if (i := adapter.layer_of_key(k)) is not None
+                         and k.startswith(f"{adapter.layer_key_prefix(i)}{adapter.nbl_module}.")})
     if linearized:  # an output folder whose config.json lost its "nbl" section
         _refuse_linearized(f"{str(model_dir)!r} holds nbl_linear tensors", linearized)
     _check_extra_layers(hf_config, adapter, headers, model_dir)
