@@ -39,7 +39,7 @@ STREAMED = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
 # A hub dataset id: NAME or OWNER/NAME (letters, digits, '-', '_', '.'); anything else that does not exist
 # locally is a missing path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-SAMPLED_BYTES = 1 << 20  # the data fingerprint reads the first and the last MiB of each file
+SAMPLED_BYTES = 1 << 16  # the data fingerprint reads the first and the last 64 KiB of each file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,8 @@ class DataSource:
 
     def fingerprint(self) -> str:
         """Identifies the document stream without reading it whole: the reading options, then per file (in stream
-        order) its size and a hash of its first and last MiB; a hub dataset by its name. Names and locations do not
-        count, so a copied or moved corpus keeps its fingerprint."""
+        order) its size and a hash of its first and last 64 KiB; a hub dataset by its name. Names and locations do
+        not count, so a copied or moved corpus keeps its fingerprint."""
         h = hashlib.sha256(json.dumps([self.text_column, self.config, self.split]).encode())
         if self.is_hub:
             h.update(f"hub:{self.path}".encode())
@@ -90,8 +90,8 @@ class DataSource:
         p = Path(self.path)
         if not p.exists():
             raise DataError(_missing(self.path))
-        if saved_dataset_kind(p):
-            return sorted(f for f in p.rglob("*") if f.is_file())
+        if saved_dataset_kind(p):  # its Arrow and JSON files, not the cache files a later .map() may add
+            return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("cache-"))
         return data_files(p)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -178,7 +177,7 @@ def require_harness() -> None:
                                 "eval extra: pip install 'nbl-dist[eval]'") from None
 
 
-def harness_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | float | None = None,
+def harness_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: float | None = None,
                  num_fewshot: int | None = None, batch_size: int = 4, output_path: str | None = None,
                  model_name: str | None = None) -> dict:
     """Run lm-evaluation-harness tasks on an already-loaded model (the model object is passed in, so a

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from nbl_dist.data import iter_documents, load_blocks, make_blocks, token_stream
 from nbl_dist import synthetic
+from nbl_dist.data import iter_documents, load_blocks, make_blocks, token_stream
 from nbl_dist.errors import DataError
 
 DOCS = ["To be, or not to be, that is the question.", "All the world's a stage.",
@@ -386,4 +386,4 @@ def test_large_jsonl_is_read_only_as_far_as_the_blocks_need(tokenizer, tmp_path)
     read = io().read_chars - before
     assert counting.calls == needed < 100
     assert chosen.blocks.flatten().tolist() == ids[: n * seq] and chosen.indices == list(range(n))
-    assert len(fingerprint) == 32 and read < 3 * 2**20  # the fingerprint's two MiB, and the first documents
+    assert len(fingerprint) == 32 and read < 2**20  # below 1% of the file, fingerprint included
