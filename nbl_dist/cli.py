@@ -176,7 +176,7 @@ def eval_perplexity(args, models: dict[str, str]) -> None:
     from transformers import AutoTokenizer
 
     from nbl_dist.data import DataSource, tokenizer_fingerprint
-    from nbl_dist.evaluate import heldout_blocks, perplexity
+    from nbl_dist.evaluate import heldout_blocks
     from nbl_dist.linearized import read_nbl_section
 
     tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in models.items()}
@@ -188,17 +188,11 @@ def eval_perplexity(args, models: dict[str, str]) -> None:
     seq_len = args.seq_len or (run["seq_len"] if run else 256)
     source = DataSource(args.data, args.text_column, args.data_config, args.data_split)
     held = heldout_blocks(source, tokenizers["model"], seq_len, args.samples, run)
-    ppl = {}
-    for name, path in models.items():  # one model in memory at a time
-        model = _load_any(path, args.device, args.dtype)
-        ppl[name] = perplexity(model, held.blocks, args.batch_size)
-        device, dtype = model.device, model.dtype
-        del model
+    ppl, (device, dtype) = perplexities(models, held.blocks, args.device, args.dtype, args.batch_size)
     result = {"model": args.model, "baseline": args.baseline, "perplexity": ppl,
               "ratio": ppl["model"] / ppl["baseline"] if args.baseline else None,
               "data": source.to_record(), "relation": held.relation, "seq_len": seq_len,
-              "blocks": held.indices, "excluded_blocks": held.excluded, "device": str(device),
-              "dtype": str(dtype).removeprefix("torch.")}
+              "blocks": held.indices, "excluded_blocks": held.excluded, "device": device, "dtype": dtype}
     default = Path(args.model) / "nbl_eval.json" if sections["model"] else Path("nbl_eval.json")
     out = Path(args.json_out) if args.json_out else default
     out.write_text(json.dumps(result, indent=2))
@@ -208,6 +202,20 @@ def eval_perplexity(args, models: dict[str, str]) -> None:
         print(f"ratio model / baseline {result['ratio']:.4f}")
     print(f"on {len(held.indices)} blocks of {seq_len} tokens of --data {args.data!r}; {held.describe()}")
     print(f"wrote {out}")
+
+
+def perplexities(models: dict[str, str], blocks, device: str, dtype: str,
+                 batch_size: int) -> tuple[dict[str, float], tuple[str, str]]:
+    """(name -> perplexity on the (N, T) blocks, (device, dtype) they ran in), one model in memory at a time."""
+    from nbl_dist.evaluate import perplexity
+
+    ppl, where = {}, ("", "")
+    for name, path in models.items():
+        model = _load_any(path, device, dtype)
+        ppl[name] = perplexity(model, blocks, batch_size)
+        where = (str(model.device), str(model.dtype).removeprefix("torch."))
+        del model
+    return ppl, where
 
 
 def cmd_bench(args) -> int:
