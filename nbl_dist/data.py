@@ -1,15 +1,28 @@
 """Calibration text -> token blocks, exactly as the research code builds them (docs/method.md §8).
 
 Documents: each `.txt` file is one document (a folder of .txt files gives one per file, in sorted order);
-`.jsonl` / `.json` / `.parquet` files (or folders of them) give one document per row, from --text-column.
+`.jsonl` / `.jsonl.gz` / `.json` / `.csv` / `.parquet` files (or folders of them), a folder written by `datasets`'
+`save_to_disk`, and a hub dataset name (streamed) give one document per row, from --text-column.
 Each document is tokenized without special tokens and followed by EOS; the streams are concatenated in document
-order and cut into consecutive blocks of seq_len; the last partial block is dropped. The first N blocks are used,
-or, with a seed, a seeded random choice of N.
+order and cut into consecutive blocks of seq_len; the last partial block is dropped. Block i of that stream is
+tokens [i * seq_len, (i + 1) * seq_len). The first N blocks are used, or, with a seed, a seeded random choice of N.
+
+Reading is lazy: files are read row by row and a document is tokenized only when the next block needs it, so the
+first N blocks of a large corpus cost only the documents they hold. A seeded choice is uniform over every block
+of the data, so it tokenizes all of it once (refused for a hub dataset, whose stream may be endless).
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import gzip
+import hashlib
+import itertools
 import json
+import os
+import re
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,39 +30,128 @@ import torch
 
 from nbl_dist.errors import DataError
 
-TABULAR = (".jsonl", ".json", ".parquet")
+TABULAR = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 SUFFIXES = (".txt", *TABULAR)
+READABLE = ".txt, .jsonl, .jsonl.gz, .json, .csv or .parquet"
 # Formats read row by row: opening one and reading its first record is cheap, so every file of a folder is
 # checked that way before the first document is tokenized (a bad file #57 fails in a second, not an hour in).
-STREAMED = (".jsonl", ".parquet")
+STREAMED = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
+# A hub dataset id: NAME or OWNER/NAME (letters, digits, '-', '_', '.'); anything else that does not exist
+# locally is a missing path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+SAMPLED_BYTES = 1 << 16  # the data fingerprint reads the first and the last 64 KiB of each file
 
 
-def iter_documents(path: str | Path, text_column: str = "text") -> Iterator[str]:
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """--data and the options that say how to read it: which documents, in which order.
+
+    Attributes:
+        path: a file, a folder, a `save_to_disk` folder, or a hub dataset name (OWNER/NAME).
+        text_column: the field or column holding the text of tabular rows.
+        config: the hub dataset's configuration (--data-config).
+        split: the split of a hub dataset or of a saved DatasetDict (--data-split; default: its only split).
+    """
+
+    path: str
+    text_column: str = "text"
+    config: str | None = None
+    split: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        """A name that is no local path but looks like a hub dataset id (a missing local path never is one)."""
+        return not Path(self.path).exists() and HUB_ID.fullmatch(self.path) is not None \
+            and _kind(Path(self.path)) not in SUFFIXES
+
+    def documents(self) -> Iterator[str]:
+        """The documents in order; see `iter_documents`."""
+        return iter_documents(self.path, self.text_column, self.config, self.split)
+
+    def fingerprint(self) -> str:
+        """Identifies the document stream without reading it whole: the reading options, then per file (in stream
+        order) its size and a hash of its first and last 64 KiB; a hub dataset by its name. Names and locations do
+        not count, so a copied or moved corpus keeps its fingerprint."""
+        h = hashlib.sha256(json.dumps([self.text_column, self.config, self.split]).encode())
+        if self.is_hub:
+            h.update(f"hub:{self.path}".encode())
+        else:
+            for f in self._files():
+                h.update(f"{f.stat().st_size};".encode())
+                h.update(_sampled_digest(f))
+        return h.hexdigest()[:32]
+
+    def to_record(self) -> dict:
+        """How the run read --data, for the report and the output's "nbl" section."""
+        return {"path": self.path, "text_column": self.text_column, "data_config": self.config,
+                "data_split": self.split, "fingerprint": self.fingerprint()}
+
+    def _files(self) -> list[Path]:
+        p = Path(self.path)
+        if not p.exists():
+            raise DataError(_missing(self.path))
+        if saved_dataset_kind(p):  # its Arrow and JSON files, not the cache files a later .map() may add
+            return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("cache-"))
+        return data_files(p)
+
+
+def iter_documents(path: str | Path, text_column: str = "text", config: str | None = None,
+                   split: str | None = None) -> Iterator[str]:
     """The documents of --data, in order; every way the data can be unreadable or empty is one DataError.
 
-    A .txt file is one document; .jsonl (one JSON object per line), .json (a list of objects, or JSON Lines) and
-    .parquet give one document per row, from `text_column`. The column is looked up in a file's first record;
-    null and empty texts are skipped, any other non-string is an error. Every .jsonl / .parquet file is opened and
-    its first record checked before this returns; other rows are checked as they are read.
+    A .txt file is one document; .jsonl / .jsonl.gz (one JSON object per line), .json (a list of objects, or JSON
+    Lines), .csv (a header row, then one row per document) and .parquet give one document per row, from
+    `text_column`, as do a `save_to_disk` folder and a hub dataset. The column is looked up in a file's first
+    record (a dataset's schema); null and empty texts are skipped, any other non-string is an error. Every
+    row-by-row file is opened and its first record checked before this returns; other rows as they are read.
 
     Args:
-        path: a file, a folder (its files in sorted order, recursively), or a hub dataset name.
+        path: a file, a folder (its files in sorted order, recursively), a folder written by `save_to_disk`, or a
+            hub dataset name (OWNER/NAME, streamed). A local-looking path that does not exist is an error, never
+            a hub name.
         text_column: the field or column holding the text of tabular rows.
+        config: a hub dataset's configuration.
+        split: the split of a hub dataset or a saved DatasetDict (default: its only split).
     Returns:
         An iterator of the documents; it raises DataError at its end if the data held no text at all.
     """
+    source = DataSource(str(path), text_column, config, split)
+    if source.is_hub:
+        return _hub_documents(source)
     p = Path(path)
     if not p.exists():
-        if "/" in str(path) and not str(path).startswith((".", "/")):
-            return _hub_documents(str(path), text_column)
-        raise DataError(f"--data {str(path)!r} does not exist; pass a .txt/.jsonl/.json/.parquet file or folder")
+        raise DataError(_missing(str(path)))
+    saved = saved_dataset_kind(p)
+    _check_local_options(source, saved)
+    if saved:
+        return _saved_documents(source, saved)
     files = data_files(p)
     for f in files:
-        if f.suffix in STREAMED:
+        if _kind(f) in STREAMED:
             probe = _file_documents(f, text_column)
             next(probe, None)  # raises if the file cannot be opened or its first record is wrong
             probe.close()
     return _local_documents(files, text_column, str(path))
+
+
+def _missing(path: str) -> str:
+    return (f"--data {path!r} does not exist (no such file or folder); pass a {READABLE} file, a folder of them, a "
+            "folder written by datasets' save_to_disk, or a hub dataset name (OWNER/NAME)")
+
+
+def _check_local_options(source: DataSource, saved: str | None) -> None:
+    if source.config is not None:
+        raise DataError(f"--data-config names a configuration of a hub dataset; {source.path!r} is a local path: "
+                        "drop --data-config")
+    if source.split is not None and saved != "dict":
+        raise DataError(f"--data-split chooses a split of a hub dataset or of a saved DatasetDict; {source.path!r} "
+                        "has no splits: drop --data-split")
+
+
+def _kind(f: Path) -> str:
+    """A data file's format by its name: the suffix, or ".jsonl.gz"."""
+    name = f.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else f.suffix.lower()
 
 
 def data_files(p: Path) -> list[Path]:
@@ -58,19 +160,30 @@ def data_files(p: Path) -> list[Path]:
     Args:
         p: an existing file or folder.
     Returns:
-        The .txt / .jsonl / .json / .parquet files, at least one.
+        The .txt / .jsonl / .jsonl.gz / .json / .csv / .parquet files, at least one.
     """
     if not p.is_dir():
-        if p.suffix not in SUFFIXES:
-            raise DataError(f"--data {str(p)!r} is a {p.suffix or 'suffix-less'} file; nbl-dist reads .txt, "
-                            ".jsonl, .json or .parquet files (or a folder of them)")
+        if _kind(p) not in SUFFIXES:
+            raise DataError(f"--data {str(p)!r} is a {p.suffix or 'suffix-less'} file; nbl-dist reads {READABLE} "
+                            "files (or a folder of them)")
         return [p]
     files = sorted(f for f in p.rglob("*") if f.is_file())
-    usable = [f for f in files if f.suffix in SUFFIXES]
+    usable = [f for f in files if _kind(f) in SUFFIXES]
     if not usable:
         found = f"only {', '.join(sorted({f.suffix or f.name for f in files}))} files" if files else "it is empty"
-        raise DataError(f"--data {str(p)!r} holds no .txt, .jsonl, .json or .parquet files ({found})")
+        raise DataError(f"--data {str(p)!r} holds no {READABLE} files ({found})")
     return usable
+
+
+def saved_dataset_kind(p: Path) -> str | None:
+    """"dataset" or "dict" for a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, else None."""
+    if not p.is_dir():
+        return None
+    if (p / "dataset_dict.json").is_file():
+        return "dict"
+    if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
+        return "dataset"
+    return None
 
 
 def _local_documents(files: list[Path], text_column: str, source: str) -> Iterator[str]:
@@ -87,12 +200,15 @@ def _local_documents(files: list[Path], text_column: str, source: str) -> Iterat
 def _file_documents(f: Path, text_column: str) -> Iterator[str]:
     if f.stat().st_size == 0:  # an empty file holds no document, whatever its format (as a blank .txt)
         return
-    if f.suffix == ".txt":
+    kind = _kind(f)
+    if kind == ".txt":
         yield from _txt_documents(f)
-    elif f.suffix == ".parquet":
+    elif kind == ".parquet":
         yield from _parquet_texts(f, text_column)
+    elif kind == ".csv":
+        yield from _csv_texts(f, text_column)
     else:
-        records = _jsonl_records(f) if f.suffix == ".jsonl" else _json_records(f)
+        records = _json_records(f) if kind == ".json" else _jsonl_records(f)
         yield from _record_texts(records, f, text_column)
 
 
@@ -119,20 +235,55 @@ def _not_utf8(f: Path, raw: bytes, where: str = "") -> str:
 
 
 def _jsonl_records(f: Path) -> Iterator[tuple[str, object]]:
-    """(where, value) for every non-blank line of a JSON Lines file."""
-    with open(f, "rb") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                # Without its line break, so that the error's column counts within this line.
-                value = json.loads(line.rstrip(b"\r\n").decode("utf-8-sig" if n == 1 else "utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(_not_utf8(f, line, f" line {n}")) from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{str(f)!r} line {n} is not valid JSON ({e.msg} at column {e.colno}); each line "
-                                "of a .jsonl file must be one JSON object") from None
-            yield f"line {n}", value
+    """(where, value) for every non-blank line of a JSON Lines file (.jsonl.gz: decompressed as it is read)."""
+    for n, line in enumerate(_lines(f), 1):
+        if not line.strip():
+            continue
+        try:
+            # Without its line break, so that the error's column counts within this line.
+            value = json.loads(line.rstrip(b"\r\n").decode("utf-8-sig" if n == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(_not_utf8(f, line, f" line {n}")) from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{str(f)!r} line {n} is not valid JSON ({e.msg} at column {e.colno}); each line "
+                            "of a .jsonl file must be one JSON object") from None
+        yield f"line {n}", value
+
+
+def _lines(f: Path) -> Iterator[bytes]:
+    """The lines of a file as bytes; a .gz file is decompressed as it is read, a damaged one is a DataError."""
+    if _kind(f) != ".jsonl.gz":
+        with open(f, "rb") as fh:
+            yield from fh
+        return
+    try:
+        with gzip.open(f, "rb") as fh:
+            yield from fh
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut-off file an EOFError
+        raise DataError(f"{str(f)!r} is not a readable gzip file ({e or type(e).__name__}); compress it again "
+                        "(gzip FILE.jsonl) or pass it uncompressed") from None
+
+
+def _csv_texts(f: Path, text_column: str) -> Iterator[str]:
+    """The `text_column` cells of a CSV file with a header row (any quoting Python's csv module reads)."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a document may be longer than 128 KiB
+    with open(f, newline="", encoding="utf-8-sig") as fh:  # strict UTF-8, as for .txt
+        reader = csv.DictReader(fh)
+        try:
+            columns = reader.fieldnames or []
+            if text_column not in columns:
+                raise DataError(f"{str(f)!r} has no column {text_column!r}; its header row names {columns}. Pass "
+                                "--text-column NAME")
+            for row in reader:
+                text = row.get(text_column)  # None in a row shorter than the header
+                if text:
+                    yield text
+        except UnicodeDecodeError:
+            raise DataError(f"{str(f)!r} is not UTF-8 text (near line {reader.line_num + 1}). Convert the file "
+                            "(e.g. `iconv -f latin1 -t utf-8`) or leave it out of --data") from None
+        except csv.Error as e:
+            raise DataError(f"{str(f)!r} line {reader.line_num} is not valid CSV ({e}); quote fields that hold "
+                            "line breaks or commas") from None
 
 
 def _json_records(f: Path) -> Iterator[tuple[str, object]]:
@@ -178,7 +329,7 @@ def _record_texts(records: Iterator[tuple[str, object]], f: Path, text_column: s
             yield text
 
 
-def _checked_text(value: object, f: Path, where: str, text_column: str) -> str | None:
+def _checked_text(value: object, f: Path | str, where: str, text_column: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise DataError(f"{str(f)!r} {where}: column {text_column!r} holds a {_json_type(value)} "
@@ -218,24 +369,114 @@ def _parquet_texts(f: Path, text_column: str) -> Iterator[str]:
         raise DataError(f"{str(f)!r} could not be read ({e}): the file is damaged; re-create it") from None
 
 
-def _hub_documents(name: str, text_column: str) -> Iterator[str]:
-    import os
-
+def _hub_documents(source: DataSource) -> Iterator[str]:
+    """A hub dataset's rows, streamed (nothing is downloaded whole); its split is resolved before this returns."""
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DataError(f"--data {name!r} is not a local path and the hub is offline (HF_DATASETS_OFFLINE=1); "
+        raise DataError(f"--data {source.path!r} is not a local path and the hub is offline (HF_DATASETS_OFFLINE=1); "
                         "download the data and pass a local file or folder")
     from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
 
-    ds = load_dataset(name, split="validation", streaming=True)
-    for row in ds:
-        yield row[text_column]
+    try:
+        ds = load_dataset(source.path, source.config, split=source.split, streaming=True)
+    except (DatasetNotFoundError, ValueError) as e:  # an unknown name, configuration or split
+        raise DataError(f"--data {source.path!r} (config {source.config}, split {source.split}) cannot be opened "
+                        f"from the hub: {e}. Check the name, --data-config and --data-split") from None
+    return _dataset_texts(_one_split(ds, source), source)
+
+
+def _saved_documents(source: DataSource, saved: str) -> Iterator[str]:
+    """The rows of a folder written by save_to_disk (memory-mapped Arrow, read batch by batch)."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(source.path)
+    return _dataset_texts(_one_split(ds, source) if saved == "dict" else ds, source)
+
+
+def _one_split(ds, source: DataSource):
+    """A Dataset out of a (streaming) DatasetDict: --data-split, or its only split; a Dataset as it is."""
+    if not hasattr(ds, "keys"):
+        return ds
+    splits = sorted(ds.keys())
+    if source.split is None and len(splits) == 1:
+        return ds[splits[0]]
+    if source.split not in splits:
+        choice = "choose one with --data-split" if source.split is None else f"--data-split {source.split!r} is not one"
+        raise DataError(f"--data {source.path!r} has the splits {splits}; {choice}")
+    return ds[source.split]
+
+
+def _dataset_texts(ds, source: DataSource) -> Iterator[str]:
+    """The texts of a `datasets` Dataset or IterableDataset; the column and its type are checked before this
+    returns when the schema is known (a saved dataset), else on the first row (a stream)."""
+    where = f"--data {source.path!r}"
+    columns = ds.column_names
+    if columns is not None and source.text_column not in columns:
+        raise DataError(f"{where} has no column {source.text_column!r}; its columns are {columns}. Pass "
+                        "--text-column NAME")
+    feature = (ds.features or {}).get(source.text_column)
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{where}: column {source.text_column!r} holds {feature} values, not text (strings). Pass "
+                        "--text-column NAME if the text is in another column")
+    return _counted(_dataset_rows(ds, source), where)
+
+
+def _dataset_rows(ds, source: DataSource) -> Iterator[str]:
+    for n, row in enumerate(ds.select_columns([source.text_column])):
+        if source.text_column not in row:  # a stream without a schema: its rows decide
+            raise DataError(f"--data {source.path!r} row {n} has no column {source.text_column!r}; its columns "
+                            f"are {list(row)}. Pass --text-column NAME")
+        text = _checked_text(row[source.text_column], source.path, f"row {n}", source.text_column)
+        if text:
+            yield text
+
+
+def _counted(documents: Iterator[str], where: str) -> Iterator[str]:
+    """The documents, and a DataError at their end if there were none."""
+    count = 0
+    for doc in documents:
+        count += 1
+        yield doc
+    if count == 0:
+        raise DataError(f"{where} holds no text: no row has a non-empty text")
+
+
+def _sampled_digest(f: Path) -> bytes:
+    """sha256 of a file's first and last SAMPLED_BYTES (the whole file when it is smaller than both)."""
+    h = hashlib.sha256()
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        h.update(fh.read(SAMPLED_BYTES))
+        if size > 2 * SAMPLED_BYTES:
+            fh.seek(size - SAMPLED_BYTES)
+        h.update(fh.read(SAMPLED_BYTES))
+    return h.digest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies how a tokenizer cuts text into ids: its vocabulary, merges, normalisation and EOS id (not its
+    class, its file names or its padding and truncation state)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:  # a slow (Python) tokenizer
+        spec = sorted(tokenizer.get_vocab().items())
+    text = json.dumps([spec, tokenizer.eos_token_id], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _eos(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; calibration blocks put EOS after every document")
+    return eos
 
 
 def token_stream(documents: Iterable[str], tokenizer, need: int | None = None) -> list[int]:
     """Concatenated token ids, EOS after each document; stops early once `need` tokens are there."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no EOS token; calibration blocks put EOS after every document")
+    eos = _eos(tokenizer)
     ids: list[int] = []
     for doc in documents:
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
@@ -243,6 +484,42 @@ def token_stream(documents: Iterable[str], tokenizer, need: int | None = None) -
         if need is not None and len(ids) >= need:
             break
     return ids
+
+
+class BlockStream:
+    """The consecutive (seq_len,) int64 blocks of a document stream (docs/method.md §8), produced lazily: a
+    document is tokenized only when the next block needs it. `tokens` counts the tokens read so far."""
+
+    def __init__(self, documents: Iterable[str], tokenizer, seq_len: int):
+        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
+        self.tokens = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        eos = _eos(self.tokenizer)
+        pending: list[int] = []  # tokens not yet cut into a block
+        for doc in self.documents:
+            ids = self.tokenizer(doc, add_special_tokens=False)["input_ids"]
+            pending.extend(ids)
+            pending.append(eos)
+            self.tokens += len(ids) + 1
+            start = 0
+            while len(pending) - start >= self.seq_len:  # a long document gives many blocks: cut by offset
+                yield torch.tensor(pending[start:start + self.seq_len], dtype=torch.long)
+                start += self.seq_len
+            del pending[:start]
+
+    def too_few(self, available: int, needed: int, source: str, what: str = "") -> DataError:
+        """The error for a stream that ran out after `available` blocks."""
+        return DataError(f"{source} gives {available} blocks of {self.seq_len} tokens{what} ({self.tokens} tokens), "
+                         f"but {needed} are needed; lower --samples or --seq-len, or add text")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChosenBlocks:
+    """Token blocks and where they come from: blocks[k] is block indices[k] of the data's block stream."""
+
+    blocks: torch.Tensor  # (N, seq_len) int64
+    indices: list[int]
 
 
 def make_blocks(ids: list[int], seq_len: int, samples: int, seed: int | None = None,
@@ -258,15 +535,62 @@ def make_blocks(ids: list[int], seq_len: int, samples: int, seed: int | None = N
     blocks = torch.tensor(ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
     if seed is None:
         return blocks[:samples]
+    return blocks[seeded_choice(available, samples, seed)]
+
+
+def seeded_choice(available: int, samples: int, seed: int) -> list[int]:
+    """The block indices a seed chooses: the first `samples` of a seeded permutation of all `available`."""
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
-    return blocks[order[:samples]]
+    return order[:samples].tolist()
+
+
+def choose_blocks(source: DataSource, tokenizer, samples: int, seq_len: int,
+                  seed: int | None = None) -> ChosenBlocks:
+    """The run's blocks: the first `samples` of the block stream (reading only the documents they need), or with
+    a seed a uniform seeded choice among all of its blocks (which tokenizes the whole data once).
+
+    Args:
+        source: --data and how to read it.
+        tokenizer: the model's tokenizer.
+        samples: blocks wanted.
+        seq_len: tokens per block.
+        seed: None for the first blocks; else the seed of the choice.
+    Returns:
+        The blocks (samples, seq_len) and their indices in the block stream.
+    """
+    where = f"--data {source.path!r}"
+    if seed is not None and source.is_hub:
+        raise DataError(f"--seed chooses among every block of the data, and {where} is a hub dataset read as a "
+                        "stream (possibly endless): drop --seed to take its first blocks, or save a slice of it "
+                        "locally (Dataset.save_to_disk) and pass that folder")
+    stream = BlockStream(source.documents(), tokenizer, seq_len)
+    blocks = list(itertools.islice(stream, samples) if seed is None else stream)
+    if len(blocks) < samples:
+        raise stream.too_few(len(blocks), samples, where)
+    indices = list(range(samples)) if seed is None else seeded_choice(len(blocks), samples, seed)
+    return ChosenBlocks(torch.stack([blocks[i] for i in indices]), indices)
 
 
 def load_blocks(path: str | Path, tokenizer, samples: int, seq_len: int, seed: int | None = None,
                 text_column: str = "text") -> torch.Tensor:
-    docs = iter_documents(path, text_column)
-    # Without a seed only the first samples * seq_len tokens are needed; a seeded choice needs them all.
-    ids = token_stream(docs, tokenizer, need=samples * seq_len if seed is None else None)
-    if not ids:
-        raise DataError(f"--data {str(path)!r} holds no text")
-    return make_blocks(ids, seq_len, samples, seed, source=f"--data {str(path)!r}")
+    """(samples, seq_len) token blocks of --data: the first ones, or a seeded choice (see `choose_blocks`)."""
+    return choose_blocks(DataSource(str(path), text_column), tokenizer, samples, seq_len, seed).blocks
+
+
+def block_record(source: DataSource, tokenizer, seq_len: int, seed: int | None, indices: list[int],
+                 held_back: int) -> dict:
+    """Which blocks a run used, as the report and the output's "nbl" section record it (for `nbl-dist eval`).
+
+    Args:
+        source: the run's --data.
+        tokenizer: the tokenizer that cut it into blocks.
+        seq_len: tokens per block.
+        seed: the run's --seed.
+        indices: block-stream indices of the blocks read, statistics blocks first, the held-back ones last.
+        held_back: how many of them were held back (never used for the statistics).
+    Returns:
+        The data record: source, fingerprints, seq_len, seed, statistics_blocks, held_back_blocks.
+    """
+    n = len(indices) - held_back
+    return {**source.to_record(), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
+            "seed": seed, "statistics_blocks": list(indices[:n]), "held_back_blocks": list(indices[n:])}

@@ -37,5 +37,9 @@ class RayStartError(NBLError):
     """No Ray cluster could be reached or started, or it cannot place the actors."""
 
 
+class MissingExtraError(NBLError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
 class WorkerLostError(NBLError):
     """Actors died more often than --max-restarts allows."""

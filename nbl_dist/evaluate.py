@@ -1,11 +1,92 @@
-"""Held-out perplexity, and prefill / decode speed of an original vs a linearized model (same run)."""
+"""Held-out perplexity on blocks no calibration used, lm-evaluation-harness tasks, and prefill / decode speed of
+an original vs a linearized model (same run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import torch
+
+from nbl_dist.data import BlockStream, DataSource, tokenizer_fingerprint
+from nbl_dist.errors import DataError, MissingExtraError
+
+# How --data at evaluation relates to the run's calibration data.
+SAME_DATA, OTHER_DATA, UNRECORDED = "calibration data", "other data", "unrecorded"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutBlocks:
+    """Evaluation blocks: blocks[k] is block indices[k] of --data's block stream (seq_len tokens each).
+
+    Attributes:
+        relation: SAME_DATA (the run's --data: the blocks it used were skipped), OTHER_DATA (nothing to skip) or
+            UNRECORDED (the model folder records no calibration blocks: nothing could be skipped).
+        excluded: blocks of this stream skipped because they overlap a block the run used.
+    """
+
+    blocks: torch.Tensor  # (N, seq_len) int64
+    indices: list[int]
+    relation: str
+    excluded: int
+
+    def describe(self) -> str:
+        if self.relation == SAME_DATA:
+            return (f"--data is the calibration data: skipped the {self.excluded} blocks that overlap a block the "
+                    "run used (statistics or held back)")
+        if self.relation == OTHER_DATA:
+            return "--data is not the calibration data (another fingerprint): no block needs to be skipped"
+        return ("the model folder records no calibration blocks (a plain checkpoint, or calibrated from blocks "
+                "given in memory): no block skipped")
+
+
+def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, run: dict | None) -> HeldOutBlocks:
+    """The first `samples` blocks of `source` that share no token with a block the run used.
+
+    Reads --data lazily, only as far as those blocks need. The run's blocks are compared as token ranges, so
+    another --seq-len than the run's still skips every block that overlaps one it used.
+
+    Args:
+        source: --data and how to read it.
+        tokenizer: the tokenizer of the evaluated models.
+        seq_len: tokens per evaluation block.
+        samples: blocks wanted.
+        run: the data record of the run (the "nbl" section's "data", data.block_record), or None.
+    Returns:
+        The blocks, their stream indices, how --data relates to the run's, and how many blocks were skipped.
+    Raises:
+        DataError: --data is the run's data read by another tokenizer, or has too few unused blocks.
+    """
+    relation, used = _run_blocks(source, tokenizer, run)
+    run_len = int(run["seq_len"]) if used else seq_len
+    stream = BlockStream(source.documents(), tokenizer, seq_len)
+    chosen, indices, excluded = [], [], 0
+    for j, block in enumerate(stream):
+        # Block j is tokens [j * seq_len, (j + 1) * seq_len): the run's blocks it touches, at their length.
+        touched = range(j * seq_len // run_len, ((j + 1) * seq_len - 1) // run_len + 1)
+        if any(i in used for i in touched):
+            excluded += 1
+            continue
+        chosen.append(block)
+        indices.append(j)
+        if len(chosen) == samples:
+            return HeldOutBlocks(torch.stack(chosen), indices, relation, excluded)
+    raise stream.too_few(len(chosen), samples, f"--data {source.path!r}",
+                         f" besides the {excluded} the run used" if excluded else "")
+
+
+def _run_blocks(source: DataSource, tokenizer, run: dict | None) -> tuple[str, set[int]]:
+    """(how --data relates to the run's data, the block indices the run used in it)."""
+    if not run:
+        return UNRECORDED, set()
+    if run["fingerprint"] != source.fingerprint():
+        return OTHER_DATA, set()
+    if run["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"--data {source.path!r} is the calibration data, but the model's tokenizer is not the one "
+                        "that cut it into the run's blocks, so those blocks cannot be found and skipped; evaluate "
+                        "with the tokenizer of the calibrated model (the output folder holds a copy)")
+    return SAME_DATA, {*run["statistics_blocks"], *run["held_back_blocks"]}
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -39,20 +120,34 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
     return math.exp(total / count)
 
 
+def synchronized_clock(device: torch.device):
+    """time.perf_counter after waiting for the device's queued work (CUDA runs kernels asynchronously: without
+    the wait a timer measures only the launches)."""
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return clock
+
+
 @torch.no_grad()
 def speed(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict:
-    """Prefill tokens/s (batch 1, the whole prompt) and decode tokens/s (greedy, KV cache); best of `repeats`."""
+    """Prefill tokens/s (batch 1, the whole prompt) and decode tokens/s (greedy, KV cache); best of `repeats`.
+    The prompt goes to the model's device; every timer waits for the device's work first."""
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    clock = synchronized_clock(device)
     prefill, decode = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = model(input_ids=prompt, use_cache=True)
-        t1 = time.perf_counter()
+        t1 = clock()
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
+        t2 = clock()
         for _ in range(new_tokens):
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t3 = time.perf_counter()
+        t3 = clock()
         prefill.append(prompt.shape[1] / (t1 - t0))
         decode.append(new_tokens / (t3 - t2))
     return {"prefill_tok_s": max(prefill), "decode_tok_s": max(decode)}
@@ -73,22 +168,48 @@ def compare_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 32, roun
     return best
 
 
-def harness_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-                 num_fewshot: int | None = None, batch_size: int = 4) -> dict:
-    """Run lm-evaluation-harness tasks on an already-loaded model (the model object is passed in, so a
-    linearized model needs no trust_remote_code). include_path: a folder of extra task YAMLs (local data).
+def require_harness() -> None:
+    """Refuse, naming the extra to install, when lm-evaluation-harness is missing (before any model is loaded)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise MissingExtraError(f"--tasks needs lm-evaluation-harness, which is not installed ({e}); install the "
+                                "eval extra: pip install 'nbl-dist[eval]'") from None
 
+
+def harness_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: float | None = None,
+                 num_fewshot: int | None = None, batch_size: int = 4, output_path: str | None = None,
+                 model_name: str | None = None) -> dict:
+    """Run lm-evaluation-harness tasks on an already-loaded model (the model object is passed in, so a
+    linearized model needs no trust_remote_code).
+
+    Args:
+        model, tokenizer: the loaded model (on its device) and its tokenizer.
+        tasks: harness task names.
+        include_path: a folder of extra task YAMLs (local data).
+        limit, num_fewshot, batch_size: the harness's options of those names.
+        output_path: where the harness writes its results file, as `lm_eval --output_path` does
+            (OUTPUT/<model name>/results_<time>.json, or OUTPUT_<time>.json for a .json OUTPUT).
+        model_name: the model's name in that file and folder (default: a random id).
     Returns:
         task -> {metric: value}.
+    Raises:
+        MissingExtraError: lm-evaluation-harness is not installed (the `eval` extra).
     """
+    require_harness()
     import lm_eval
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                  num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+    tracker = EvaluationTracker(output_path=output_path) if output_path else None
+    out = lm_eval.simple_evaluate(model=lm, model_args={"pretrained": model_name} if model_name else None,
+                                  tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                  log_samples=False, bootstrap_iters=0, evaluation_tracker=tracker)
+    if tracker is not None:
+        tracker.save_results_aggregated(results=out, samples=None)
     return {task: {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for task, res in out["results"].items()}

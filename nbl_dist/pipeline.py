@@ -88,19 +88,25 @@ def prepare_output(out: str, overwrite: bool) -> tuple[Path, Path]:
     return final, tmp
 
 
-def calibration_blocks(cfg: CalibrationConfig, blocks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(statistics blocks, held-back blocks) of token ids: read from cfg.data unless given."""
+def calibration_blocks(cfg: CalibrationConfig,
+                       blocks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """(statistics blocks, held-back blocks, data record) of token ids: read from cfg.data unless given. The record
+    says which blocks of --data's block stream each are (data.block_record); None for blocks given in memory."""
     held = held_back_count(cfg.rank_by, cfg.score_samples)
+    record = None
     if blocks is None:
         if cfg.data is None:
             raise ConfigError("no calibration data: pass --data PATH")
         from transformers import AutoTokenizer
 
-        from nbl_dist.data import load_blocks
+        from nbl_dist.data import DataSource, block_record, choose_blocks
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        blocks = load_blocks(cfg.data, tokenizer, cfg.samples + held, cfg.seq_len, cfg.seed, cfg.text_column)
-    return split_held_back(blocks, held)
+        source = DataSource(cfg.data, cfg.text_column, cfg.data_config, cfg.data_split)
+        chosen = choose_blocks(source, tokenizer, cfg.samples + held, cfg.seq_len, cfg.seed)
+        blocks = chosen.blocks
+        record = block_record(source, tokenizer, cfg.seq_len, cfg.seed, chosen.indices, held)
+    return (*split_held_back(blocks, held), record)
 
 
 def default_device_memory(device_memory: str | None, device: str, local: bool, actors: int) -> int | None:
@@ -207,7 +213,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, hf_config, device)
     final, tmp = prepare_output(cfg.out, cfg.overwrite)
-    blocks, score_blocks = calibration_blocks(cfg, blocks)
+    blocks, score_blocks, data_record = calibration_blocks(cfg, blocks)
     timer.mark("data")
     plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
     fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype)
@@ -222,7 +228,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         timer.mark("reduce")
         selection = rank_and_fit(backend, score_blocks, cfg.rank_by, cfg.linearize, cfg.max_bound, cfg.ridge,
                                  cfg.batch_size, timer)
-        nbl_meta = {"rank_by": cfg.rank_by, "tokens": int(blocks.numel()), "tool": "nbl-dist"}
+        nbl_meta = {"rank_by": cfg.rank_by, "tokens": int(blocks.numel()), "tool": "nbl-dist", "data": data_record}
         output = write_linearized(cfg.model, tmp, selection.selected, backend.get_fit, nbl_meta=nbl_meta)
         timer.mark("write")
         workers = backend.worker_reports()
@@ -237,7 +243,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
                           recovery=recovery,
                           workers=workers, placement=backend.placement, plan=plan, backend=backend.name,
                           dtype=str(dtype).removeprefix("torch."), device=device, output=output,
-                          config=dataclasses.asdict(cfg))
+                          config=dataclasses.asdict(cfg), data=data_record)
     publish(report, tmp, final, cfg.plot, snapshots[0] if snapshots and not cfg.keep_checkpoint else None)
     if recovery["actor_restarts"]:
         log(f"Recovered from {recovery['actor_restarts']} actor deaths {recovery['restarts_by_phase']}; waited "

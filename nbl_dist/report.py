@@ -34,8 +34,10 @@ class Selection:
 
 def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selection: Selection,
                  timer: PhaseTimer, stream: StreamResult, recovery: dict, workers: list[WorkerReport], placement: list[Placement],
-                 plan: ShardPlan, backend: str, dtype: str, device: str, output: dict, config: dict) -> dict:
-    """The report of one calibration (the layout of nbl_report.json): what ran, where, how long, and its result."""
+                 plan: ShardPlan, backend: str, dtype: str, device: str, output: dict, config: dict,
+                 data: dict | None = None) -> dict:
+    """The report of one calibration (the layout of nbl_report.json): what ran, where, how long, and its result.
+    `data` is the data record (data.block_record): which blocks of --data were used, None for in-memory blocks."""
     return {
         "model": model,
         "num_layers": hf_config.num_hidden_layers,
@@ -56,6 +58,7 @@ def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selec
         "device": device,
         "output": output,
         "config": config,
+        "data": data,
     }
 
 

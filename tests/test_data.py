@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from nbl_dist import synthetic
 from nbl_dist.data import iter_documents, load_blocks, make_blocks, token_stream
 from nbl_dist.errors import DataError
 
@@ -208,15 +209,15 @@ def test_txt_newlines_and_bom_read_as_before(tmp_path):
 
 
 def test_no_usable_files(tmp_path):
-    folder = tmp_path / "csvs"
+    folder = tmp_path / "sheets"
     folder.mkdir()
-    (folder / "a.csv").write_text("text\nhello\n")
+    (folder / "a.tsv").write_text("text\nhello\n")
     (folder / "b.md").write_text("# hello\n")
-    with pytest.raises(DataError, match=rf"'{re.escape(str(folder))}' holds no \.txt, \.jsonl, \.json or \.parquet "
-                                        r"files \(only \.csv, \.md files\)"):
+    with pytest.raises(DataError, match=rf"'{re.escape(str(folder))}' holds no \.txt, \.jsonl, \.jsonl\.gz, \.json, "
+                                        r"\.csv or \.parquet files \(only \.md, \.tsv files\)"):
         list(iter_documents(folder))
-    with pytest.raises(DataError, match=r"'.*a\.csv' is a \.csv file; nbl-dist reads \.txt, \.jsonl"):
-        list(iter_documents(folder / "a.csv"))
+    with pytest.raises(DataError, match=r"'.*a\.tsv' is a \.tsv file; nbl-dist reads \.txt, \.jsonl"):
+        list(iter_documents(folder / "a.tsv"))
 
 
 def test_folder_of_empty_files_holds_no_text(tokenizer, tmp_path):
@@ -240,3 +241,149 @@ def test_bad_file_in_folder_fails_before_tokenizing(tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"zz\.jsonl' has no column 'text'"):
         load_blocks(folder, counting, samples=1, seq_len=4)
     assert counting.calls == 0
+
+
+# Data as users hold it: .csv, .jsonl.gz, save_to_disk folders, hub names (with config and split), read lazily.
+
+def test_csv_rows_with_quotes_commas_and_line_breaks(tmp_path):
+    import csv
+
+    docs = ['He said "to be", then left.', "one, two, three", "a line\nand another", DOCS[0]]
+    f = tmp_path / "d.csv"
+    with open(f, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "body"])
+        writer.writerows([[i, d] for i, d in enumerate(docs)] + [[9, ""]])  # an empty cell is skipped
+    assert list(iter_documents(f, "body")) == docs
+    with pytest.raises(DataError, match=r"has no column 'text'; its header row names \['id', 'body'\]"):
+        list(iter_documents(f))
+    f.write_bytes("text\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text.*iconv"):
+        list(iter_documents(f))
+
+
+def test_jsonl_gz_is_decompressed_as_read(tokenizer, tmp_path):
+    import gzip
+
+    f = tmp_path / "d.jsonl.gz"
+    with gzip.open(f, "wt", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    assert list(iter_documents(f)) == DOCS
+    assert token_stream(iter_documents(tmp_path), tokenizer) == reference_ids(tokenizer, DOCS)  # found in a folder
+    f.write_bytes(f.read_bytes()[:-12])  # cut off
+    with pytest.raises(DataError, match=r"is not a readable gzip file"):
+        list(iter_documents(f))
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_dict({"body": DOCS, "n": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    assert list(iter_documents(tmp_path / "ds", "body")) == DOCS
+    with pytest.raises(DataError, match=r"column 'n' holds .*int64.* not text"):
+        list(iter_documents(tmp_path / "ds", "n"))
+    splits = DatasetDict({"train": Dataset.from_dict({"text": DOCS[:2]}),
+                          "validation": Dataset.from_dict({"text": DOCS[2:]})})
+    splits.save_to_disk(tmp_path / "dd")
+    with pytest.raises(DataError, match=r"has the splits \['train', 'validation'\]; choose one with --data-split"):
+        iter_documents(tmp_path / "dd")
+    assert list(iter_documents(tmp_path / "dd", split="validation")) == DOCS[2:]
+    with pytest.raises(DataError, match=r"--data-split 'test' is not one"):
+        iter_documents(tmp_path / "dd", split="test")
+    DatasetDict({"train": Dataset.from_dict({"text": DOCS})}).save_to_disk(tmp_path / "one")
+    assert list(iter_documents(tmp_path / "one")) == DOCS  # the only split
+
+
+def test_hub_options_on_local_data_are_refused(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": d}) for d in DOCS])
+    with pytest.raises(DataError, match=r"--data-config names a configuration of a hub dataset.*drop --data-config"):
+        iter_documents(f, config="en")
+    with pytest.raises(DataError, match=r"has no splits: drop --data-split"):
+        iter_documents(f, split="train")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """datasets.load_dataset answered from memory (the hub is out of reach); records what it was asked."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        asked.append((name, config, split, streaming))
+        parts = {"train": datasets.Dataset.from_dict({"text": DOCS[:1]}).to_iterable_dataset(),
+                 "validation": datasets.Dataset.from_dict({"text": DOCS[1:]}).to_iterable_dataset()}
+        return parts[split] if split else datasets.IterableDatasetDict(parts)
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return asked
+
+
+def test_hub_name_streams_with_config_and_split(fake_hub, tokenizer):
+    from nbl_dist.data import DataSource, choose_blocks
+
+    assert list(iter_documents("owner/corpus", config="en", split="validation")) == DOCS[1:]
+    assert fake_hub == [("owner/corpus", "en", "validation", True)]
+    with pytest.raises(DataError, match=r"has the splits \['train', 'validation'\]; choose one with --data-split"):
+        iter_documents("owner/corpus")
+    with pytest.raises(DataError, match=r"--seed .* hub dataset read as a stream"):
+        choose_blocks(DataSource("owner/corpus", split="train"), tokenizer, 1, 4, seed=0)
+
+
+@pytest.mark.parametrize("path", ["data/train.jsonl", "corpus/part-1/", "./owner/name", "missing", "a/b/c",
+                                  "owner/name.parquet"])
+def test_missing_local_path_is_never_sent_to_the_hub(fake_hub, path):
+    with pytest.raises(DataError, match=rf"--data '{re.escape(path)}' does not exist \(no such file or folder\)"):
+        iter_documents(path)
+    assert fake_hub == []
+
+
+def test_fingerprints_follow_content_not_location(tokenizer, tmp_path):
+    from nbl_dist.data import DataSource, tokenizer_fingerprint
+
+    a = write_lines(tmp_path / "a.jsonl", [json.dumps({"text": d}) for d in DOCS])
+    (tmp_path / "moved").mkdir()
+    b = tmp_path / "moved" / "b.jsonl"
+    b.write_bytes(a.read_bytes())
+    assert DataSource(str(a)).fingerprint() == DataSource(str(b)).fingerprint()
+    assert DataSource(str(a)).fingerprint() != DataSource(str(a), text_column="body").fingerprint()
+    b.write_bytes(a.read_bytes().replace(b"To be", b"To Be"))  # same size, one byte differs
+    assert DataSource(str(a)).fingerprint() != DataSource(str(b)).fingerprint()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "tok")) == tokenizer_fingerprint(tokenizer)
+    other = synthetic.train_tokenizer(DOCS * 20, vocab_size=300)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+
+
+def test_large_jsonl_is_read_only_as_far_as_the_blocks_need(tokenizer, tmp_path):
+    """8 blocks from a 100 MB .jsonl: exactly the documents they need are tokenized, and a tiny part of the file
+    is read (counted by the kernel: the process's read bytes), fingerprint included."""
+    import psutil
+
+    from nbl_dist.data import DataSource, choose_blocks
+
+    words = " ".join(DOCS).split()
+    filler = " ".join(words[i % len(words)] for i in range(250))  # about 1 KB per document
+    f = tmp_path / "big.jsonl"
+    with open(f, "w") as fh:
+        for start in range(0, 100_000, 10_000):
+            fh.write("".join(json.dumps({"text": f"{i} {filler}"}) + "\n" for i in range(start, start + 10_000)))
+    assert f.stat().st_size > 100e6
+    seq, n = 256, 8
+    needed, ids = 0, []
+    while len(ids) < n * seq:  # the reference: documents tokenized one at a time until 8 blocks are full
+        ids += tokenizer(f"{needed} {filler}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        needed += 1
+    counting = CountingTokenizer(tokenizer)
+    io = psutil.Process().io_counters
+    before = io().read_chars
+    chosen = choose_blocks(DataSource(str(f)), counting, n, seq)
+    fingerprint = DataSource(str(f)).fingerprint()
+    read = io().read_chars - before
+    assert counting.calls == needed < 100
+    assert chosen.blocks.flatten().tolist() == ids[: n * seq] and chosen.indices == list(range(n))
+    assert len(fingerprint) == 32 and read < 2**20  # below 1% of the file, fingerprint included

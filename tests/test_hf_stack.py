@@ -254,10 +254,9 @@ def test_save_pretrained_keeps_the_format(run, tmp_path):
 @pytest.mark.slow
 def test_lm_eval_cli_with_remote_code(make_model_dir, tmp_path):
     """`lm_eval --model hf` with trust_remote_code=True in its own process (which never imports nbl_dist) scores
-    the same accuracy as harness_eval on the model load_linearized gives."""
-    from transformers import AutoTokenizer
-
-    from nbl_dist.evaluate import harness_eval
+    the same accuracy as `nbl-dist eval --tasks` on the model load_linearized gives, with the same harness
+    options (limit, few-shot, batch size), and both write the harness's results file."""
+    from nbl_dist.cli import main
 
     src = make_model_dir("llama")
     out = tmp_path / "out"
@@ -267,14 +266,19 @@ def test_lm_eval_cli_with_remote_code(make_model_dir, tmp_path):
     tasks = write_task(tmp_path / "tasks")
     cli = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
            f"pretrained={out},trust_remote_code=True,dtype=float32", "--tasks", "nbl_tiny_mc",
-           "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4", "--output_path",
-           str(tmp_path / "results")]
+           "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4", "--limit", "6", "--num_fewshot", "1",
+           "--output_path", str(tmp_path / "results")]
     res = subprocess.run(cli, cwd=tmp_path, env=child_env(tmp_path), stdin=subprocess.DEVNULL, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert list((tmp_path / "hf_modules").rglob("modeling_nbl.py"))  # it loaded through the folder's file
     (results,) = (tmp_path / "results").rglob("results_*.json")
-    cli_acc = json.loads(results.read_text())["results"]["nbl_tiny_mc"]["acc,none"]
-    ours = harness_eval(load_linearized(out), AutoTokenizer.from_pretrained(out), ["nbl_tiny_mc"],
-                        include_path=str(tasks))
-    assert cli_acc == pytest.approx(ours["nbl_tiny_mc"]["acc,none"])
+    theirs = json.loads(results.read_text())
+    assert main(["eval", "--model", str(out), "--tasks", "nbl_tiny_mc", "--include-path", str(tasks), "--device",
+                 "cpu", "--dtype", "float32", "--batch_size", "4", "--limit", "6", "--num_fewshot", "1",
+                 "--output-path", str(tmp_path / "ours")]) == 0
+    (ours,) = (tmp_path / "ours").rglob("results_*.json")
+    ours = json.loads(ours.read_text())
+    assert theirs["n-samples"]["nbl_tiny_mc"]["effective"] == ours["n-samples"]["nbl_tiny_mc"]["effective"] == 6
+    assert theirs["n-shot"]["nbl_tiny_mc"] == ours["n-shot"]["nbl_tiny_mc"] == 1
+    assert ours["results"]["nbl_tiny_mc"]["acc,none"] == pytest.approx(theirs["results"]["nbl_tiny_mc"]["acc,none"])
