@@ -241,13 +241,13 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     timer = PhaseTimer()
     hf_config = load_model_config(cfg.model)
     check_against_model(hf_config, cfg.linearize, cfg.seq_len if blocks is None else int(blocks.shape[1]))
+    final, tmp = prepare_output(cfg.out, cfg.overwrite)
     cluster = open_cluster(cfg.backend, cfg.address)
     with closed_on_error(cluster):
         device = resolve_device(cfg.device, cluster, cfg.stages * cfg.replicas)
         budget = device_budget(cfg, device, cluster)
         dtype = resolve_dtype(cfg.dtype, hf_config, device)  # the actors' device decides "auto"
         timer.mark("startup")
-        final, tmp = prepare_output(cfg.out, cfg.overwrite)
         blocks, score_blocks = calibration_blocks(cfg, blocks)
         timer.mark("data")
         plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), budget, log)

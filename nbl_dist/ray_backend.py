@@ -167,9 +167,11 @@ class ActorGrid:
     def start(self, restore: bool) -> None:
         self.rows = [[self.make(r, s.stage, restore) for s in self.plan.stages] for r in range(self.plan.replicas)]
 
-    def placements(self) -> list[Placement]:
-        """Every actor's placement; waits until each has loaded its weights."""
-        return self.cluster.ray.get([a.info.remote() for a in self.all()])
+    def placements(self, progress: RunProgress) -> list[Placement]:
+        """Every actor's placement; waits until each has loaded its weights, a progress line counting them."""
+        refs = [a.info.remote() for a in self.all()]
+        tick = progress.phase("loading weights", len(refs), "actors")
+        return gather(self.cluster.ray, refs, tick, [1] * len(refs))
 
     def actor_name(self, r: int, s: int) -> str:
         return f"{self.run}-stage{s}-replica{r}"
@@ -306,7 +308,7 @@ class RayBackend:
             self.owners = OwnerState(self._ray, self.grid, self.progress)
             t0 = time.perf_counter()
             self.grid.start(restore)
-            self.placement: list[Placement] = self._phase("loading weights", self.grid.placements)
+            self.placement: list[Placement] = self._phase("loading weights", lambda: self.grid.placements(self.progress))
             self.startup_s = time.perf_counter() - t0
         except Exception:
             self.close()
@@ -336,7 +338,7 @@ class RayBackend:
                                   "statistics cannot be restored; run through nbl-dist calibrate (it always "
                                   "checkpoints) or pass checkpoint_dir")
         self.owners.lost(self.grid.restart_dead())
-        self.placement = self.grid.placements()
+        self.placement = self.grid.placements(self.progress)
 
     def stream(self, blocks: torch.Tensor, batch_size: int,
                progress: Callable[[int], None] | None = None) -> StreamResult:
@@ -346,7 +348,7 @@ class RayBackend:
                             self.checkpoint_dir).run(blocks, batch_size, progress)
         self.owners.streamed = True
         if self.budget.used > restarts:  # recreated actors may run elsewhere now (a lost node's bundle moved)
-            self.placement = self._phase("loading weights", self.grid.placements)
+            self.placement = self._phase("loading weights", lambda: self.grid.placements(self.progress))
         return result
 
     def reduce(self, window: int = 2) -> None:
