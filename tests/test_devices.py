@@ -105,3 +105,32 @@ def test_progress_lines_and_sink_per_phase():
     bar = Progress(1000, stream=io.StringIO())
     bar(250)
     assert math.isclose(bar.done / bar.total, 0.25)
+
+
+class ThreeNodes:
+    """Stands in for the `ray` module's view of a cluster: a head started with --num-cpus 0, an 8-GPU node of 96
+    CPUs and a 2-GPU node of 16 CPUs (memory in bytes as Ray's `memory` resource gives it)."""
+
+    resources = [{"CPU": 0.0, "memory": 10.0}, {"CPU": 96.0, "GPU": 8.0, "memory": 1000.0},
+                 {"CPU": 16.0, "GPU": 2.0, "memory": 200.0}]
+
+    def nodes(self):
+        return [{"Alive": True, "NodeID": f"n{i}", "Resources": r} for i, r in enumerate(self.resources)]
+
+    def cluster_resources(self):
+        return {"CPU": 112.0, "GPU": 10.0, "memory": 1210.0}
+
+
+def test_actor_cpus_and_memory_from_node_resources():
+    from nbl_dist.ray_cluster import RayCluster
+
+    cluster = RayCluster.__new__(RayCluster)  # no connection: only the arithmetic over the nodes' resources
+    cluster.ray = ThreeNodes()
+    assert cluster.gpus() == 10
+    assert cluster.cpus_per_actor(4, gpu=True) == 8  # 16 CPUs over 2 GPUs on the smaller GPU node
+    assert cluster.cpus_per_actor(4) == 16  # 112 / 4 = 28, but no more than the smallest node with CPUs
+    assert cluster.cpus_per_actor(200) == 0.56  # 112 / 200
+    # 16 CPUs each: the big node holds all 4 actors (1000 / 4), the small one 1 (200 / 1); the head none.
+    assert cluster.memory_per_actor(4, None) == 200
+    assert cluster.memory_per_actor(8, 12.0) == 125  # 8 on the big node (1000 / 8), 1 on the small (200)
+    assert cluster.memory_per_actor(2, 100.0) is None  # no node has 100 CPUs
