@@ -171,8 +171,8 @@ class RayCluster:
         if problems:
             raise CheckpointError(
                 f"the run's nodes do not share its folders: {'; '.join(problems)}. Put the model, --out and "
-                "--checkpoint-dir (by default beside --out) on a filesystem every node mounts at the same path, or "
-                "keep the run on one node (--placement STRICT_PACK)")
+                "--checkpoint-dir (by default beside --out) on a filesystem that the driver's node and every "
+                "actor's node mount at the same path (NFS, a cluster filesystem), or pass a --checkpoint-dir there")
 
     def bundle(self, index: int):
         """The scheduling strategy that puts an actor into bundle `index` of the placement group."""
