@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from nbl_dist.linalg import LayerScores
+from nbl_dist.progress import RunProgress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Backend(Protocol):
 
     name: str
     placement: list[Placement]
+    progress: RunProgress  # the progress lines (and, on Ray, metrics) of the run's long phases
 
     def stream(self, blocks: torch.Tensor, batch_size: int,
                progress: Callable[[int], None] | None = None) -> StreamResult:

@@ -133,10 +133,11 @@ def _load_any(path: str, device: str = "cpu", dtype: str = "auto"):
     """A model folder (linearized or plain) on --device in --dtype (auto: float32 on CPU, the stored dtype on GPU)."""
     from transformers import AutoConfig
 
+    from nbl_dist.devices import resolve_local_device
     from nbl_dist.linearized import load_linearized
-    from nbl_dist.pipeline import resolve_device, resolve_dtype
+    from nbl_dist.pipeline import resolve_dtype
 
-    device = resolve_device(device)
+    device = resolve_local_device(device)
     return load_linearized(path, dtype=resolve_dtype(dtype, AutoConfig.from_pretrained(path), device), device=device)
 
 

@@ -65,7 +65,8 @@ class CalibrationConfig:
     batch_size: int = option(1, minimum=1, help="blocks per micro-batch")
     max_inflight: int = option(2, minimum=1, help="micro-batches in flight per replica")
     dtype: str = option("auto", choices=DTYPES, help="forward dtype")
-    device: str = option("auto", choices=DEVICES, help="forward device")
+    device: str = option("auto", choices=DEVICES, help="the actors' forward device (auto: one GPU per actor when "
+                                                        "the cluster has GPUs, else CPU)")
     seed: int | None = option(None, minimum=0, help="random choice of blocks with this seed (default: the first N)")
     address: str | None = option(None, help="Ray cluster to join (default: the cluster of the Ray job it runs in, "
                                  "else a local Ray started in this process)")
@@ -80,8 +81,8 @@ class CalibrationConfig:
     cpus_per_actor: float | None = option(None, minimum=0, help="CPUs reserved per actor")
     overwrite: bool = option(False, help="replace a non-empty --out")
     plot: bool = option(True, help="skip the PNG plot")  # a True default: the flag is --no-plot
-    device_memory: str | None = option(None, help="memory budget per actor, e.g. 80GiB (default: the GPU's "
-                                                  "memory, or available RAM / actors for a local CPU run)")
+    device_memory: str | None = option(None, help="memory budget per actor, e.g. 80GiB (default: the smallest GPU "
+                                                  "a probe finds on the GPU nodes, or RAM / actors on CPU)")
     host_memory: str | None = option(None, help="host RAM per actor for statistics kept on the host, e.g. 256GiB")
     stats_device: str = option("auto", choices=STATS_DEVICES,
                                help="where statistics live: the actor's device, host memory, or auto")

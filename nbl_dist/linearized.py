@@ -103,7 +103,8 @@ def _record_nbl(config, layers: list[int]) -> None:
 
 def write_linearized(src_dir: str | Path, out_dir: str | Path, layers: list[int],
                      get_fit: Callable[[int], Fit], nbl_meta: dict | None = None,
-                     dtype: torch.dtype | None = None) -> dict:
+                     dtype: torch.dtype | None = None,
+                     progress: Callable[[int], Callable[[int], None]] | None = None) -> dict:
     """Write the linearized checkpoint by streaming: unchanged tensors are copied file by file from the source,
     the new ones are fetched with get_fit(layer) one layer at a time, in the checkpoint's dtype.
 
@@ -114,6 +115,8 @@ def write_linearized(src_dir: str | Path, out_dir: str | Path, layers: list[int]
         get_fit: layer -> (W (d, d), b (d,)); called once per layer, in order.
         nbl_meta: extra fields for config.json's "nbl" section.
         dtype: storage dtype of the new tensors (default: that of the source's embedding).
+        progress: given the bytes to write, returns a callable then told the bytes of every file copied and of
+            every new layer written (a progress line).
     Returns:
         {"files": [...], "total_size": bytes, "removed_bytes": bytes, "added_bytes": bytes}.
     """
@@ -127,9 +130,11 @@ def write_linearized(src_dir: str | Path, out_dir: str | Path, layers: list[int]
     if any(out_dir.iterdir()):
         raise CheckpointError(f"output folder {str(out_dir)!r} is not empty")
     selected = set(layers)
-    new_map, total, removed = _copy_kept_tensors(src_dir, out_dir, adapter, specs, selected)
-    nbl_names, added = _write_nbl_tensors(out_dir / NBL_FILE, adapter, sorted(selected), get_fit,
-                                          dtype or specs[adapter.embed_key][0], int(config["hidden_size"]))
+    dtype = dtype or specs[adapter.embed_key][0]
+    d = int(config["hidden_size"])
+    tick = progress(written_bytes(specs, adapter, selected, dtype, d)) if progress else (lambda n: None)
+    new_map, total, removed = _copy_kept_tensors(src_dir, out_dir, adapter, specs, selected, tick)
+    nbl_names, added = _write_nbl_tensors(out_dir / NBL_FILE, adapter, sorted(selected), get_fit, dtype, d, tick)
     new_map.update({name: NBL_FILE for name in nbl_names})
     total += added
     (out_dir / INDEX_NAME).write_text(json.dumps(
@@ -159,9 +164,16 @@ def nbl_config_fields(family: str) -> dict:
                          "AutoModelForCausalLM": f"{MODELING_MODULE}.{model_cls.__name__}"}}
 
 
-def _copy_kept_tensors(src_dir: Path, out_dir: Path, adapter: ArchAdapter, specs: dict,
-                       selected: set[int]) -> tuple[dict[str, str], int, int]:
-    """Copy every tensor a linearized layer keeps, file by file, one tensor in memory at a time.
+def written_bytes(specs: dict, adapter: ArchAdapter, selected: set[int], dtype: torch.dtype, d: int) -> int:
+    """Bytes of tensors write_linearized writes: the kept ones, and W (d, d) and b (d,) of each selected layer."""
+    kept = sum(_nbytes(*spec) for k, spec in specs.items() if not adapter.is_replaced_key(k, selected))
+    return kept + len(selected) * _nbytes(dtype, (d * d + d,))
+
+
+def _copy_kept_tensors(src_dir: Path, out_dir: Path, adapter: ArchAdapter, specs: dict, selected: set[int],
+                       tick: Callable[[int], None]) -> tuple[dict[str, str], int, int]:
+    """Copy every tensor a linearized layer keeps, file by file, one tensor in memory at a time; tick(bytes)
+    after each file.
 
     Returns:
         (weight map of the copied tensors, bytes written, bytes of the tensors left out).
@@ -178,19 +190,23 @@ def _copy_kept_tensors(src_dir: Path, out_dir: Path, adapter: ArchAdapter, specs
         out_name = KEPT_NAME if fname == SINGLE_NAME else fname
         with safe_open(str(src_dir / fname), framework="pt") as f:
             sources: list[TensorSource] = [(k, *specs[k], (lambda k=k: f.get_tensor(k))) for k in keep]
-            total += write_safetensors_streaming(out_dir / out_name, sources)
+            written = write_safetensors_streaming(out_dir / out_name, sources)
+        total += written
+        tick(written)
         new_map.update({k: out_name for k in keep})
     return new_map, total, removed
 
 
 def _write_nbl_tensors(path: Path, adapter: ArchAdapter, layers: list[int], get_fit: Callable[[int], Fit],
-                       dtype: torch.dtype, d: int) -> tuple[list[str], int]:
-    """Write every layer's W and b into one file, fetching one layer's fit at a time. Returns (names, bytes)."""
+                       dtype: torch.dtype, d: int, tick: Callable[[int], None]) -> tuple[list[str], int]:
+    """Write every layer's W and b into one file, fetching one layer's fit at a time; tick(bytes) per layer.
+    Returns (names, bytes)."""
     sources: list[TensorSource] = []
     bias_of: dict[int, torch.Tensor] = {}  # holds one layer's bias between its two tensors, nothing more
 
     def weight_of(i):
         w, bias_of[i] = get_fit(i)
+        tick(_nbytes(dtype, (d * d + d,)))
         return w.to(dtype)
 
     for i in layers:

@@ -19,6 +19,7 @@ from nbl_dist.capture import capture_stats
 from nbl_dist.evaluate import loss_sum
 from nbl_dist.linalg import LayerScores
 from nbl_dist.linearized import linearize_layer
+from nbl_dist.progress import RunProgress
 from nbl_dist.shard_stats import ShardStats
 
 
@@ -48,6 +49,7 @@ class InProcessBackend:
         self.statistics = ShardStats(0, n_layers, self.model.config.hidden_size, self.device)
         self.timings = {"load": time.perf_counter() - t0, "forward": 0.0}
         self.placement = [Placement(replica=0, stage=0, layers=(0, n_layers), node="local", device=str(self.device))]
+        self.progress = RunProgress()
 
     @property
     def fits(self):

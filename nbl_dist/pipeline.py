@@ -7,6 +7,7 @@ nbl_report.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -19,11 +20,12 @@ import torch
 from nbl_dist import resume
 from nbl_dist.backend import Backend, Placement
 from nbl_dist.config import CalibrationConfig
+from nbl_dist.devices import DeviceBudget, gpu_budget, resolve_actor_device, resolve_local_device
 from nbl_dist.errors import ConfigError, PlanError
 from nbl_dist.linearized import atomic_replace_dir, write_linearized
 from nbl_dist.plan import ShardPlan, check_memory, fmt_bytes, parse_bytes
-from nbl_dist.progress import PhaseTimer, Progress
-from nbl_dist.ray_cluster import cluster_address
+from nbl_dist.progress import PhaseTimer, RunProgress
+from nbl_dist.ray_cluster import RayCluster, cluster_address
 from nbl_dist.report import (
     PLOT_NAME,
     Selection,
@@ -40,12 +42,32 @@ from nbl_dist.selection import (
 )
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
-    return device
+GPU_PROBE_TIMEOUT_S = 60.0  # for the memory probe on each GPU node
+
+
+def open_cluster(backend: str, address: str | None) -> RayCluster | None:
+    """The Ray cluster the actors will run on, joined (or started) before anything is loaded, so that their
+    device and memory are resolved there; None for the in-process backend."""
+    return RayCluster(address) if backend == "ray" else None
+
+
+@contextlib.contextmanager
+def closed_on_error(cluster: RayCluster | None):
+    """Leave the cluster as it was (a Ray started here shut down) when set-up fails before a backend owns it."""
+    try:
+        yield
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
+
+
+def resolve_device(device: str, cluster: RayCluster | None, actors: int) -> str:
+    """--device for the actors, from the cluster's resources (the driver's own CUDA is never asked), or for
+    this process when there is no cluster (the in-process backend)."""
+    if cluster is None:
+        return resolve_local_device(device)
+    return resolve_actor_device(device, cluster.gpus(), actors)
 
 
 def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
@@ -109,28 +131,34 @@ def calibration_blocks(cfg: CalibrationConfig,
     return (*split_held_back(blocks, held), record)
 
 
-def default_device_memory(device_memory: str | None, device: str, local: bool, actors: int) -> int | None:
-    """Per-actor budget when none is given: the GPU's memory, or (local CPU runs) available RAM over the actors."""
-    if device_memory is not None:
-        return parse_bytes(device_memory)
+def device_budget(cfg: CalibrationConfig, device: str, cluster: RayCluster | None) -> DeviceBudget:
+    """Memory per actor's device, before any weights are read: --device-memory when given; else, on GPUs, the
+    smallest GPU that a probe on each GPU node reports (in-process: this process's GPU); on CPUs, the available
+    RAM over the actors (a run on this machine) or each node's memory over the actors it can hold (a joined
+    cluster, from Ray's resources). A GPU budget that cannot be read is refused, naming --device-memory."""
+    actors = cfg.stages * cfg.replicas
+    if cfg.device_memory is not None:
+        return DeviceBudget(parse_bytes(cfg.device_memory), "--device-memory")
+    if device == "cuda" and cluster is None:
+        return DeviceBudget(torch.cuda.get_device_properties(0).total_memory, "this process's GPU")
     if device == "cuda":
-        return torch.cuda.get_device_properties(0).total_memory
-    if local:
+        return gpu_budget(cluster.probe_gpus(GPU_PROBE_TIMEOUT_S), GPU_PROBE_TIMEOUT_S)
+    if cluster is None or cluster_address(cfg.address)[0] is None:
         import psutil
 
-        return psutil.virtual_memory().available // actors
-    return None  # a remote CPU cluster: its nodes' memory is not known here
+        return DeviceBudget(psutil.virtual_memory().available // actors, f"available RAM over {actors} actor(s)")
+    return DeviceBudget(cluster.memory_per_actor(actors, cfg.cpus_per_actor),
+                        "the smallest node's memory (Ray's resources) over the actors it can hold")
 
 
-def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int, log) -> ShardPlan:
+def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int,
+                 budget: DeviceBudget, log) -> ShardPlan:
     """The shard plan, checked against the memory budget before anything is loaded."""
-    local = cfg.backend == "in-process" or cluster_address(cfg.address)[0] is None
-    budget = default_device_memory(cfg.device_memory, device, local, cfg.stages * cfg.replicas)
-    check = check_memory(hf_config, cfg.stages, budget, parse_bytes(cfg.host_memory), cfg.stats_device,
+    check = check_memory(hf_config, cfg.stages, budget.bytes, parse_bytes(cfg.host_memory), cfg.stats_device,
                          replicas=cfg.replicas, dtype=dtype, batch_size=cfg.batch_size, seq_len=seq_len,
                          max_inflight=cfg.max_inflight, device=device)
     log(check.plan.describe())
-    log(f"  memory check: {check.message}")
+    log(f"  memory check: {check.message} (budget: {budget.source})")
     if not check.fits:
         raise PlanError(f"the plan {check.message}")
     return check.plan
@@ -144,8 +172,15 @@ def snapshot_folder(cfg: CalibrationConfig, fingerprint: str, log) -> tuple[Path
     return folder, resume.open_folder(folder, fingerprint, cfg.resume, record, log)
 
 
+def run_name(out: str, fingerprint: str) -> str:
+    """Names the run's placement group and actors on the cluster: the output folder's name and the run's
+    fingerprint (two runs into one folder on the same data share it, and Ray refuses the second)."""
+    return f"nbl-{Path(out).name}-{fingerprint[:8]}"
+
+
 def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str,
-                 snapshots: tuple[Path, bool] | None = None, fingerprint: str = "") -> Backend:
+                 snapshots: tuple[Path, bool] | None = None, fingerprint: str = "",
+                 cluster: RayCluster | None = None) -> Backend:
     if cfg.backend == "in-process":
         from nbl_dist.local import InProcessBackend
 
@@ -156,13 +191,15 @@ def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, de
     return RayBackend(cfg.model, plan, dtype, device=device, address=cfg.address, placement=cfg.placement,
                       cpus_per_actor=cfg.cpus_per_actor, max_inflight=cfg.max_inflight,
                       stats_device=None if plan.stages[0].stats_on_device else "cpu",
-                      checkpoint_dir=str(folder) if folder else None, checkpoint_every=cfg.checkpoint_every,
-                      restore=restore, fingerprint=fingerprint, max_restarts=cfg.max_restarts)
+                      checkpoint_dir=str(folder.absolute()) if folder else None,  # the same path on every node
+                      checkpoint_every=cfg.checkpoint_every, restore=restore, fingerprint=fingerprint,
+                      max_restarts=cfg.max_restarts, run_name=run_name(cfg.out, fingerprint), cluster=cluster)
 
 
-def progress_callback(total: int, also: Callable[[int], None] | None) -> Callable[[int], None]:
-    """The progress line, and the caller's own callback if any, for every finished micro-batch."""
-    bar = Progress(total)
+def progress_callback(progress: RunProgress, total: int,
+                      also: Callable[[int], None] | None) -> Callable[[int], None]:
+    """The streaming progress line, and the caller's own callback if any, for every finished micro-batch."""
+    bar = progress.phase("streaming", total, "tokens")
 
     def progress(tokens: int) -> None:
         bar(tokens)
@@ -210,26 +247,32 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     timer = PhaseTimer()
     hf_config = load_model_config(cfg.model)
     check_against_model(hf_config, cfg.linearize, cfg.seq_len if blocks is None else int(blocks.shape[1]))
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, hf_config, device)
     final, tmp = prepare_output(cfg.out, cfg.overwrite)
-    blocks, score_blocks, data_record = calibration_blocks(cfg, blocks)
-    timer.mark("data")
-    plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
-    fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype)
-    snapshots = snapshot_folder(cfg, fingerprint, log) if cfg.backend == "ray" else None
-    backend = make_backend(cfg, plan, dtype, device, snapshots, fingerprint)
+    cluster = open_cluster(cfg.backend, cfg.address)
+    with closed_on_error(cluster):
+        device = resolve_device(cfg.device, cluster, cfg.stages * cfg.replicas)
+        budget = device_budget(cfg, device, cluster)
+        dtype = resolve_dtype(cfg.dtype, hf_config, device)  # the actors' device decides "auto"
+        timer.mark("startup")
+        blocks, score_blocks, data_record = calibration_blocks(cfg, blocks)
+        timer.mark("data")
+        plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), budget, log)
+        fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype)
+        snapshots = snapshot_folder(cfg, fingerprint, log) if cfg.backend == "ray" else None
+        backend = make_backend(cfg, plan, dtype, device, snapshots, fingerprint, cluster)
     try:
         log_placement(backend.placement, log)
         timer.mark("startup")
-        stream = backend.stream(blocks, cfg.batch_size, progress_callback(int(blocks.numel()), on_progress))
+        stream = backend.stream(blocks, cfg.batch_size,
+                                progress_callback(backend.progress, int(blocks.numel()), on_progress))
         timer.mark("stream")
         backend.reduce()
         timer.mark("reduce")
         selection = rank_and_fit(backend, score_blocks, cfg.rank_by, cfg.linearize, cfg.max_bound, cfg.ridge,
                                  cfg.batch_size, timer)
         nbl_meta = {"rank_by": cfg.rank_by, "tokens": int(blocks.numel()), "tool": "nbl-dist", "data": data_record}
-        output = write_linearized(cfg.model, tmp, selection.selected, backend.get_fit, nbl_meta=nbl_meta)
+        output = write_linearized(cfg.model, tmp, selection.selected, backend.get_fit, nbl_meta=nbl_meta,
+                                  progress=lambda total: backend.progress.phase("writing", total, "bytes"))
         timer.mark("write")
         workers = backend.worker_reports()
         recovery = {**stream.recovery(), **backend.recovery()}

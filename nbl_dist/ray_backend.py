@@ -5,21 +5,27 @@ Micro-batches flow stage to stage as object refs (Ray hands each stage's output 
 driver only holds refs); every phase dispatches through one bounded window of refs in flight. Replicas take
 disjoint shares of the data; their statistics are merged on replica 0's actors (actor to actor), ranked there,
 and fitted there.
+
+A run is watchable from Ray's own tools: its placement group carries the run's name and each actor its stage and
+replica (`ray list actors`, the dashboard's Actors view), every long phase prints a progress line and feeds
+RunMetrics (the dashboard's Metrics view, Prometheus), and each actor restart is printed and counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
 import torch
 
 from nbl_dist.backend import Placement, StreamResult, WorkerReport
-from nbl_dist.errors import NBLError, WorkerLostError
+from nbl_dist.errors import NBLError, RayStartError, WorkerLostError
 from nbl_dist.linalg import LayerScores
 from nbl_dist.plan import ShardPlan
+from nbl_dist.progress import RunProgress
 from nbl_dist.ray_cluster import RayCluster
 from nbl_dist.resume import missing_batches
 from nbl_dist.shard import ShardWorker, readonly_tensor
@@ -71,11 +77,49 @@ class Window:
         return refs
 
 
-class RestartBudget:
-    """Actor deaths survived so far, by phase, against --max-restarts, and the time spent bringing actors back."""
+class RunMetrics:
+    """A run's progress as Ray metrics (ray.util.metrics; the dashboard's Metrics view and Prometheus show them as
+    ray_nbl_*): per phase, units done and in all, units per second and the ETA; and actor restarts. Every series
+    is tagged with the run's name and the phase. Recorded by the driver, exported by its node's metrics agent."""
 
-    def __init__(self, limit: int, checkpoint_dir: str | None):
-        self.limit, self.checkpoint_dir = limit, checkpoint_dir
+    def __init__(self, run: str):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("run", "phase")
+        self.run = run
+        self.done = Gauge("nbl_progress_done", "units done in the phase (tokens, layers, bytes)", tag_keys=tags)
+        self.total = Gauge("nbl_progress_total", "units in the phase", tag_keys=tags)
+        self.rate = Gauge("nbl_progress_rate", "units per second so far in the phase", tag_keys=tags)
+        self.eta = Gauge("nbl_progress_eta_seconds", "estimated seconds left in the phase", tag_keys=tags)
+        self.restarts = Counter("nbl_actor_restarts", "actors recreated after dying, by phase", tag_keys=tags)
+
+    def update(self, phase: str, done: int, total: int, rate: float, eta_s: float) -> None:
+        tags = {"run": self.run, "phase": phase}
+        self.done.set(done, tags=tags)
+        self.total.set(total, tags=tags)
+        self.rate.set(rate, tags=tags)
+        self.eta.set(eta_s if np.isfinite(eta_s) else -1.0, tags=tags)
+
+    def restart(self, phase: str) -> None:
+        self.restarts.inc(1, tags={"run": self.run, "phase": phase})
+
+
+def gather(ray, refs: list, tick: Callable[[int], None], weights: list[int]) -> list:
+    """ray.get(refs) in order, ticking `tick` with each ref's weight as it completes, in whatever order."""
+    weight = dict(zip(refs, weights))
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        tick(weight[done[0]])
+    return ray.get(refs)
+
+
+class RestartBudget:
+    """Actor deaths survived so far, by phase, against --max-restarts, and the time spent bringing actors back;
+    each restart is printed and counted by the run's progress."""
+
+    def __init__(self, limit: int, checkpoint_dir: str | None, progress: RunProgress):
+        self.limit, self.checkpoint_dir, self.progress = limit, checkpoint_dir, progress
         self.by_phase: dict[str, int] = {}
         self.wait_s = 0.0
 
@@ -91,13 +135,15 @@ class RestartBudget:
             raise WorkerLostError(
                 f"actors died {self.used} times (limit {self.limit}; the last while {phase}); {saved}. Fix the "
                 "cause (memory? a lost node?) and rerun the same command to resume from the checkpoint")
+        self.progress.restart(phase, self.used, self.limit)
 
 
 class ActorGrid:
     """The actors, [replica][stage], each in its own bundle: made, restarted from its snapshot, found by layer.
 
     A recreated actor gets restart_timeout_s to answer: it reloads its weights, and on a lost node Ray must first
-    place its bundle on another node with room.
+    place its bundle on another node with room. Each actor is named after the run, its stage and its replica
+    (`ray list actors`); a recreated one takes the name of the one it replaces.
 
     Args:
         cluster: where the bundles are reserved.
@@ -105,13 +151,14 @@ class ActorGrid:
         model_dir: checkpoint folder, visible at this path on every node.
         options: Ray actor options (CPUs, GPUs).
         worker_kwargs: ShardWorker arguments common to every actor.
+        run: the run's name, first in every actor's name.
     """
 
     restart_timeout_s = 600.0
 
     def __init__(self, cluster: RayCluster, plan: ShardPlan, model_dir: str, worker_cls: type, options: dict,
-                 worker_kwargs: dict):
-        self.cluster, self.plan, self.model_dir = cluster, plan, model_dir
+                 worker_kwargs: dict, run: str):
+        self.cluster, self.plan, self.model_dir, self.run = cluster, plan, model_dir, run
         self.remote_cls = cluster.ray.remote(worker_cls)
         self.options, self.worker_kwargs = options, worker_kwargs
         self.rows: list[list] = []
@@ -120,16 +167,27 @@ class ActorGrid:
     def start(self, restore: bool) -> None:
         self.rows = [[self.make(r, s.stage, restore) for s in self.plan.stages] for r in range(self.plan.replicas)]
 
-    def placements(self) -> list[Placement]:
-        """Every actor's placement; waits until each has loaded its weights."""
-        return self.cluster.ray.get([a.info.remote() for a in self.all()])
+    def placements(self, progress: RunProgress) -> list[Placement]:
+        """Every actor's placement; waits until each has loaded its weights, a progress line counting them."""
+        refs = [a.info.remote() for a in self.all()]
+        tick = progress.phase("loading weights", len(refs), "actors")
+        return gather(self.cluster.ray, refs, tick, [1] * len(refs))
+
+    def actor_name(self, r: int, s: int) -> str:
+        return f"{self.run}-stage{s}-replica{r}"
 
     def make(self, r: int, s: int, restore: bool):
         st = self.plan.stages[s]
         strategy = self.cluster.bundle(r * len(self.plan.stages) + s)
-        return self.remote_cls.options(scheduling_strategy=strategy, **self.options).remote(
-            self.model_dir, st.start, st.end, embed=st.embed, replica=r, stage=s, restore=restore,
-            **self.worker_kwargs)
+        name = self.actor_name(r, s)
+        try:
+            return self.remote_cls.options(scheduling_strategy=strategy, name=name, **self.options).remote(
+                self.model_dir, st.start, st.end, embed=st.embed, replica=r, stage=s, restore=restore,
+                **self.worker_kwargs)
+        except ValueError as e:  # Ray refuses a name taken in this namespace
+            raise RayStartError(f"an actor named {name!r} is already running: another run of the same --out on "
+                                "the same data is going on in this Ray namespace; let it finish, or use another "
+                                f"--out ({e})") from e
 
     def all(self) -> list:
         return [a for row in self.rows for a in row]
@@ -210,6 +268,9 @@ class RayBackend:
         fingerprint: identifies the run; a snapshot with another is refused.
         max_restarts: actor deaths survived before giving up.
         pg_timeout_s: how long to wait for the placement group before giving up with a clear error.
+        run_name: names the placement group and, with stage and replica, each actor (default: nbl- and a random
+            id); two runs at once on one cluster need different names.
+        cluster: the cluster already joined (the pipeline joins it first, to resolve the device there).
     """
 
     name = "ray"
@@ -219,28 +280,35 @@ class RayBackend:
                  address: str | None = None, placement: str = "PACK", cpus_per_actor: float | None = None,
                  max_inflight: int = 2, pg_timeout_s: float = 120.0, stats_device: str | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, restore: bool = False,
-                 fingerprint: str = "", max_restarts: int = 3):
-        self.cluster = RayCluster(address)
+                 fingerprint: str = "", max_restarts: int = 3, run_name: str = "",
+                 cluster: RayCluster | None = None):
+        self.cluster = cluster or RayCluster(address)
         self._ray = self.cluster.ray
         self.plan, self.max_inflight = plan, max_inflight
         self.model_dir, self.checkpoint_dir = str(model_dir), checkpoint_dir
-        self.budget = RestartBudget(max_restarts, checkpoint_dir)
+        self.run_name = run_name or f"nbl-{uuid.uuid4().hex[:8]}"
         self.grid: ActorGrid | None = None
         gpus = 1 if device == "cuda" else 0
         try:
-            cpus = self.cluster.cpus_per_actor(plan.num_actors) if cpus_per_actor is None else cpus_per_actor
-            self.cluster.reserve(plan.num_actors, {"CPU": cpus, **({"GPU": gpus} if gpus else {})}, placement,
-                                 pg_timeout_s)
+            self.progress = RunProgress(sink=RunMetrics(self.run_name))
+            self.budget = RestartBudget(max_restarts, checkpoint_dir, self.progress)
+            if cpus_per_actor is None:
+                cpus_per_actor = self.cluster.cpus_per_actor(plan.num_actors, gpu=bool(gpus))
+            self.cluster.reserve(plan.num_actors, {"CPU": cpus_per_actor, **({"GPU": gpus} if gpus else {})},
+                                 placement, pg_timeout_s, name=self.run_name)
+            self.cluster.check_shared(checkpoint_dir, self.model_dir)
             self.grid = ActorGrid(self.cluster, plan, self.model_dir, self.worker_cls,
-                                  options=dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=1),
+                                  options=dict(num_cpus=cpus_per_actor, num_gpus=gpus, max_concurrency=1),
                                   worker_kwargs=dict(dtype=str(dtype).removeprefix("torch."), device=device,
-                                                     stats_device=stats_device, num_threads=max(1, int(cpus)),
+                                                     stats_device=stats_device,
+                                                     num_threads=max(1, int(cpus_per_actor)),
                                                      checkpoint_dir=checkpoint_dir,
-                                                     checkpoint_every=checkpoint_every, fingerprint=fingerprint))
-            self.owners = OwnerState(self._ray, self.grid)
+                                                     checkpoint_every=checkpoint_every, fingerprint=fingerprint),
+                                  run=self.run_name)
+            self.owners = OwnerState(self._ray, self.grid, self.progress)
             t0 = time.perf_counter()
             self.grid.start(restore)
-            self.placement: list[Placement] = self._phase("loading weights", self.grid.placements)
+            self.placement: list[Placement] = self._phase("loading weights", lambda: self.grid.placements(self.progress))
             self.startup_s = time.perf_counter() - t0
         except Exception:
             self.close()
@@ -270,7 +338,7 @@ class RayBackend:
                                   "statistics cannot be restored; run through nbl-dist calibrate (it always "
                                   "checkpoints) or pass checkpoint_dir")
         self.owners.lost(self.grid.restart_dead())
-        self.placement = self.grid.placements()
+        self.placement = self.grid.placements(self.progress)
 
     def stream(self, blocks: torch.Tensor, batch_size: int,
                progress: Callable[[int], None] | None = None) -> StreamResult:
@@ -280,7 +348,7 @@ class RayBackend:
                             self.checkpoint_dir).run(blocks, batch_size, progress)
         self.owners.streamed = True
         if self.budget.used > restarts:  # recreated actors may run elsewhere now (a lost node's bundle moved)
-            self.placement = self._phase("loading weights", self.grid.placements)
+            self.placement = self._phase("loading weights", lambda: self.grid.placements(self.progress))
         return result
 
     def reduce(self, window: int = 2) -> None:
@@ -292,7 +360,10 @@ class RayBackend:
     # ------------------------------------------------------------------ rank and fit
     def scores(self, ridge: float | None = None) -> list[LayerScores]:
         def run():
-            return [s for stage in self._ray.get([a.scores.remote(ridge) for a in self.grid.rows[0]]) for s in stage]
+            refs = [a.scores.remote(ridge) for a in self.grid.rows[0]]
+            sizes = [len(s.layers) for s in self.plan.stages]
+            tick = self.progress.phase("scoring", sum(sizes), "layers")
+            return [s for stage in gather(self._ray, refs, tick, sizes) for s in stage]
         return self._phase("scoring", run)
 
     def fit(self, layers: list[int], ridge: float | None = None) -> dict[int, float]:
@@ -302,7 +373,7 @@ class RayBackend:
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
         """The measured rule: mean next-token loss increase on held-back blocks when each layer alone is
         linearized with its fitted map (the fits must exist: call fit(all layers) first). See CandidatePass."""
-        candidates = CandidatePass(self._ray, self.grid, self.model_dir, self.max_inflight)
+        candidates = CandidatePass(self._ray, self.grid, self.model_dir, self.max_inflight, self.progress)
         return self._phase("scoring candidates", lambda: candidates.run(score_blocks, batch_size))
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,8 +400,8 @@ class OwnerState:
     done and the fits not yet handed over. After an owner is recreated from its snapshot (statistics as at the
     end of the stream, before any merge), catch_up merges its stage again and refits what it had fitted."""
 
-    def __init__(self, ray, grid: ActorGrid):
-        self.ray, self.grid = ray, grid
+    def __init__(self, ray, grid: ActorGrid, progress: RunProgress):
+        self.ray, self.grid, self.progress = ray, grid, progress
         self.streamed = self.reduced = False
         self.merged: set[tuple[int, int, int]] = set()  # (stage, replica, layer) merged into replica 0
         self.fitted: dict[int, float] = {}  # layer -> ridge asked for, fitted and not yet handed over
@@ -356,10 +427,13 @@ class OwnerState:
         layers in flight per stage: replica 0's actor holds at most that many incoming layers' statistics (3 d x d
         float64 each) besides its own, and the object store never needs a replica's whole shard at once (15 GiB
         per actor for 10 layers at d = 8192: sent whole, it spills to disk). After a failure nothing more is sent
-        and what is in flight is waited out, so every merge that happened is recorded, none twice."""
+        and what is in flight is waited out, so every merge that happened is recorded, none twice. A progress
+        line counts the layers merged."""
         rows = self.grid.rows
         queues = {s.stage: [(r, i) for i in s.layers for r in range(1, len(rows))
                             if (s.stage, r, i) not in self.merged] for s in self.grid.plan.stages}
+        todo = sum(len(q) for q in queues.values())
+        tick = self.progress.phase("merging replicas", todo, "layers") if todo else None
 
         def submit(stage: int, item: tuple[int, int]):
             r, i = item
@@ -370,6 +444,8 @@ class OwnerState:
             try:
                 self.ray.get(ref)
                 self.merged.add((stage, r, i))
+                if tick:
+                    tick(1)
             except Exception as e:  # noqa: BLE001 - drained first, raised below
                 failure = failure or e
                 for queue in queues.values():
@@ -378,11 +454,14 @@ class OwnerState:
             raise failure
 
     def fit(self, layers: list[int], ridge: float | None) -> dict[int, float]:
+        """Fit `layers` on the actors holding their statistics; a progress line counts the layers fitted."""
         by_stage: dict[int, list[int]] = {}
         for i in layers:
             by_stage.setdefault(self.grid.stage_of(i), []).append(i)
         refs = [self.grid.rows[0][s].fit.remote(ls, ridge) for s, ls in by_stage.items()]
-        ridges = {i: r for part in self.ray.get(refs) for i, r in part.items()}
+        sizes = [len(ls) for ls in by_stage.values()]
+        parts = gather(self.ray, refs, self.progress.phase("fitting", len(layers), "layers"), sizes)
+        ridges = {i: r for part in parts for i, r in part.items()}
         self.ridge = ridge
         self.fitted.update({i: ridge for i in layers})
         return ridges
@@ -471,8 +550,9 @@ class CandidatePass:
     same for every candidate downstream of them. Candidates go round-robin to replicas; a replica r > 0 receives
     the map from replica 0's actor, which fitted it."""
 
-    def __init__(self, ray, grid: ActorGrid, model_dir: str, max_inflight: int):
+    def __init__(self, ray, grid: ActorGrid, model_dir: str, max_inflight: int, progress: RunProgress):
         self.ray, self.grid, self.model_dir, self.max_inflight = ray, grid, model_dir, max_inflight
+        self.progress = progress
         self.parts: dict[int, np.ndarray] = {}
 
     def _chain(self, r: int, k: int, layer: int | None, first: int):
@@ -502,7 +582,9 @@ class CandidatePass:
         results = {i: 0.0 for i in layers}
         limit = self.max_inflight * len(plan.stages) * len(rows)
         submit = lambda _, job: self._chain(job[1], job[3], job[0], job[2])  # noqa: E731
+        tick = self.progress.phase("scoring candidates", len(jobs), "blocks")
         for _, job, ref in Window(ray, {"candidates": jobs}, submit, limit):
             results[job[0]] += ray.get(ref)["loss_sum"]
+            tick(1)
         ray.get([a.clear_scoring.remote() for a in self.grid.all()])
         return {i: (results[i] - base_loss) / tokens for i in layers}

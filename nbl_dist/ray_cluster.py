@@ -1,12 +1,16 @@
-"""Cluster set-up for the Ray backend: join or start Ray, size each actor's CPUs, reserve one placement-group
-bundle per actor, and tear down what this run created. With ray_backend.py, the only modules that import Ray."""
+"""Cluster set-up for the Ray backend: join or start Ray, read its GPUs and probe their memory, size each actor's
+CPUs, reserve one placement-group bundle per actor, check that the run's nodes share its checkpoint folder, and
+tear down what this run created. With ray_backend.py, the only modules that import Ray."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
-from nbl_dist.errors import RayStartError
+from nbl_dist import resume
+from nbl_dist.devices import gpu_memory_report
+from nbl_dist.errors import CheckpointError, RayStartError
 
 
 def cluster_address(address: str | None) -> tuple[str | None, str]:
@@ -71,20 +75,64 @@ class RayCluster:
         self.started_ray = connect(address)
         self.pg = None
 
-    def cpus_per_actor(self, n_actors: int) -> float:
+    def gpus(self) -> float:
+        """GPUs the cluster advertises, whatever the driver's own node has (often none: a head node)."""
+        return float(self.ray.cluster_resources().get("GPU", 0.0))
+
+    def alive_nodes(self) -> list[dict]:
+        return [nd for nd in self.ray.nodes() if nd.get("Alive")]
+
+    def cpus_per_actor(self, n_actors: int, gpu: bool = False) -> float:
         """The cluster's CPUs shared out: the actors are all that runs, and each uses as many torch threads as
         CPUs it reserved (one actor on a 2-CPU machine gets both, like the in-process backend). No more than
-        the smallest node has, so every bundle can land somewhere."""
-        cluster_cpus = float(self.ray.cluster_resources().get("CPU", 1.0))
-        node_cpus = [nd["Resources"].get("CPU", 0.0) for nd in self.ray.nodes() if nd.get("Alive")]
-        cpus = max(0.01, min(cluster_cpus / n_actors, min(node_cpus or [cluster_cpus])))
+        the smallest node has, so every bundle can land somewhere; nodes without CPUs (a head started with
+        --num-cpus 0) hold no actor and do not count. A GPU actor gets its GPU node's CPUs over its GPUs."""
+        resources = [nd["Resources"] for nd in self.alive_nodes()]
+        if gpu:
+            cpus = min(r.get("CPU", 0.0) / r["GPU"] for r in resources if r.get("GPU"))
+        else:
+            cluster_cpus = float(self.ray.cluster_resources().get("CPU", 1.0))
+            node_cpus = [r["CPU"] for r in resources if r.get("CPU")]
+            cpus = min(cluster_cpus / n_actors, min(node_cpus or [cluster_cpus]))
+        cpus = max(0.01, cpus)
         return float(int(cpus)) if cpus >= 1 else cpus  # whole CPUs: whole torch threads
 
-    def reserve(self, n: int, bundle: dict, strategy: str, timeout_s: float) -> None:
-        """One bundle per actor; a clear error (after tearing down) when the cluster cannot place them in time."""
+    def memory_per_actor(self, n_actors: int, cpus_per_actor: float | None) -> int | None:
+        """Memory a CPU actor can count on: of the nodes that can hold one, the smallest share of a node's memory
+        (Ray's `memory` resource, what its raylet reported) over the actors its CPUs can hold. None when no node
+        can hold one (the placement group then says so)."""
+        cpus = cpus_per_actor or self.cpus_per_actor(n_actors)
+        shares = [int(r.get("memory", 0) // min(n_actors, int(r["CPU"] // cpus)))
+                  for r in (nd["Resources"] for nd in self.alive_nodes()) if r.get("CPU", 0.0) >= cpus]
+        return min(shares) if shares else None
+
+    def run_on_nodes(self, fn: Callable, calls: dict[str, tuple], timeout_s: float, num_gpus: int = 0) -> dict:
+        """fn(*args) once on each node of `calls` (node id -> args), as a task pinned to that node, holding
+        num_gpus GPUs and no CPU (the cluster may be busy). Returns node id -> result, None for a node that did
+        not answer within timeout_s (its task is cancelled)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = self.ray.remote(fn)
+        refs = {node: task.options(num_cpus=0, num_gpus=num_gpus, max_retries=0, name=f"nbl-{fn.__name__}",
+                                   scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                                   ).remote(*args) for node, args in calls.items()}
+        ready, pending = self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for ref in pending:
+            self.ray.cancel(ref, force=True)
+        return {node: self.ray.get(ref) if ref in ready else None for node, ref in refs.items()}
+
+    def probe_gpus(self, timeout_s: float = 60.0) -> dict[str, dict | None]:
+        """Each GPU node's gpu_memory_report, from a task holding one of its GPUs, before anything is loaded:
+        the driver's own node may have no GPU and never initialises CUDA. Node id -> report (None: no answer)."""
+        nodes = [nd["NodeID"] for nd in self.alive_nodes() if nd["Resources"].get("GPU")]
+        return self.run_on_nodes(gpu_memory_report, {node: () for node in nodes}, timeout_s, num_gpus=1)
+
+    def reserve(self, n: int, bundle: dict, strategy: str, timeout_s: float, name: str = "") -> None:
+        """One bundle per actor, in a placement group named after the run (the dashboard shows it); a clear
+        error (after tearing down) when the cluster cannot place them in time."""
         from ray.util.placement_group import placement_group
 
-        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy.upper())
+        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy.upper(), name=name)
         ready, _ = self.ray.wait([self.pg.ready()], timeout=timeout_s)
         if not ready:
             resources = self.ray.cluster_resources()
@@ -93,6 +141,38 @@ class RayCluster:
                 f"the cluster cannot place {n} actors of {bundle} with strategy {strategy} within "
                 f"{timeout_s:.0f} s (cluster has {resources}). Lower --stages/--replicas, "
                 "set --cpus-per-actor, add nodes, or use --placement PACK")
+
+    def bundle_nodes(self) -> set[str]:
+        """The nodes holding the placement group's bundles (once it is ready)."""
+        from ray.util.placement_group import placement_group_table
+
+        return set(placement_group_table(self.pg)["bundles_to_node_id"].values())
+
+    def check_shared(self, folder: str | None, model_dir: str, timeout_s: float = 60.0) -> None:
+        """When the run spans several nodes (the driver's and its bundles'), every node holding a bundle must
+        see the model folder, and see `folder` (where actors write snapshots the driver and recreated actors
+        read) as the driver does: each writes a probe file there and the driver reads them, and the reverse.
+        Refused before any weights are read, rather than a restart losing its snapshots later.
+
+        Raises:
+            CheckpointError: naming each node that does not share the folders, and the fix.
+        """
+        driver = self.ray.get_runtime_context().get_node_id()
+        nodes = sorted(self.bundle_nodes() - {driver})
+        if not nodes:
+            return
+        token = resume.write_probe(folder) if folder else ""
+        try:
+            seen = self.run_on_nodes(resume.node_probe, {n: (folder, token, model_dir, n) for n in nodes}, timeout_s)
+            problems = resume.probe_problems(folder, token, model_dir, seen)
+        finally:
+            if folder:
+                resume.remove_probe(folder, token)
+        if problems:
+            raise CheckpointError(
+                f"the run's nodes do not share its folders: {'; '.join(problems)}. Put the model, --out and "
+                "--checkpoint-dir (by default beside --out) on a filesystem that the driver's node and every "
+                "actor's node mount at the same path (NFS, a cluster filesystem), or pass a --checkpoint-dir there")
 
     def bundle(self, index: int):
         """The scheduling strategy that puts an actor into bundle `index` of the placement group."""

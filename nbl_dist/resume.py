@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -144,3 +146,62 @@ class SnapshotSchedule:
     def restore(self, stats) -> int:
         """Load this worker's snapshot into `stats`, if there is one; returns the micro-batches it holds."""
         return stats.restore(self.path, self.fingerprint) if self.path else 0
+
+
+# ---------------------------------------------------------------------- is the checkpoint folder shared?
+def probe_folder(folder: str | Path, token: str) -> Path:
+    return Path(folder) / f".nbl-probe-{token}"
+
+
+def write_probe(folder: str | Path) -> str:
+    """The driver's half of the shared-folder check: a file in `folder` every node must see. Returns its token."""
+    token = uuid.uuid4().hex[:12]
+    probe = probe_folder(folder, token)
+    probe.mkdir(parents=True)
+    (probe / "driver").write_text(token)
+    return token
+
+
+def node_probe(folder: str | None, token: str, model_dir: str, node: str) -> dict:
+    """Run on one node of the run: does it see the model folder and the driver's probe file, and can it write
+    its own probe file (which the driver then looks for)?
+
+    Returns:
+        {"model": bool, "sees_driver": bool, "write_error": None or the error's text}.
+    """
+    seen = {"model": (Path(model_dir) / "config.json").is_file(), "sees_driver": True, "write_error": None}
+    if folder:
+        probe = probe_folder(folder, token)
+        seen["sees_driver"] = (probe / "driver").is_file() and (probe / "driver").read_text() == token
+        try:
+            probe.mkdir(parents=True, exist_ok=True)
+            (probe / f"node-{node}").write_text(token)
+        except OSError as e:
+            seen["write_error"] = str(e)
+    return seen
+
+
+def probe_problems(folder: str | None, token: str, model_dir: str, seen: dict[str, dict | None]) -> list[str]:
+    """What the node probes (node id -> node_probe's answer, None: no answer) and the driver's own look at the
+    nodes' files say is not shared; empty when everything is."""
+    problems = []
+    for node, answer in seen.items():
+        name = f"node {node[:12]}"
+        if answer is None:
+            problems.append(f"{name} did not answer the storage probe")
+            continue
+        if not answer["model"]:
+            problems.append(f"{name} does not see the model folder {model_dir} (no config.json there)")
+        if not folder:
+            continue
+        if answer["write_error"]:
+            problems.append(f"{name} cannot write to {folder} ({answer['write_error']})")
+        elif not (probe_folder(folder, token) / f"node-{node}").is_file():
+            problems.append(f"the driver does not see the files {name} writes in {folder}")
+        if not answer["sees_driver"]:
+            problems.append(f"{name} does not see the files the driver writes in {folder}")
+    return problems
+
+
+def remove_probe(folder: str | Path, token: str) -> None:
+    shutil.rmtree(probe_folder(folder, token), ignore_errors=True)

@@ -26,13 +26,18 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @contextlib.contextmanager
-def simulated_cluster(workers: int):
+def simulated_cluster(workers: int, worker_gpus: int = 0, head_config: dict | None = None):
     """A head and `workers` worker nodes of one CPU each (ray.cluster_utils.Cluster), this driver connected to
-    it; all shut down afterwards. Yields (cluster, worker nodes)."""
+    it; all shut down afterwards. Yields (cluster, worker nodes).
+
+    Args:
+        worker_gpus: GPUs each worker node advertises (Ray's resources only: this machine has no CUDA).
+        head_config: Ray system config of the head (e.g. a short metrics report interval).
+    """
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(workers)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": head_config or {}})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=worker_gpus) for _ in range(workers)]
     try:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()

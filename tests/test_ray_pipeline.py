@@ -1,6 +1,7 @@
 """The Ray pipeline on a real local Ray: every (stages, replicas) split gives the in-process backend's result."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -73,3 +74,14 @@ def test_output_folder_and_report(make_model_dir, tmp_path):
         run(src, out, blocks, linearize=1)
     run(src, out, blocks, linearize=2, overwrite=True)
     assert len(json.loads((out / REPORT_NAME).read_text())["selected_layers"]) == 2
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused_before_loading(make_model_dir, tmp_path):
+    """This Ray has no GPUs: --device cuda is refused from its resources before the data (a path that does not
+    exist) or any weight is read."""
+    src = make_model_dir("llama", torch.float32)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="--device cuda but the Ray cluster has no GPUs.*--device cpu"):
+        calibrate(src, tmp_path / "o", data=str(tmp_path / "no-such-data"), samples=4, seq_len=32, linearize=1,
+                  device="cuda", log=lambda *a: None)
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "o").exists()
