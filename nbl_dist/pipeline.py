@@ -38,6 +38,8 @@ from nbl_dist.selection import (
     select_layers,
     split_held_back,
 )
+from nbl_dist.stats import resolve_precision
+from nbl_dist.throughput import TimeEstimate
 
 
 def resolve_device(device: str) -> str:
@@ -130,20 +132,55 @@ def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: 
     return check.plan
 
 
+def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, dtype: torch.dtype, precision: str,
+                  tokens: int, score_tokens: int, seq_len: int, log) -> TimeEstimate | None:
+    """The plan's estimate of the compute phases' wall time, from --device-tflops or from rates measured here
+    (--measure) with one micro-batch through one layer on this machine's CPU; None when neither is asked for."""
+    from nbl_dist import throughput
+
+    if cfg.device_tflops is not None:
+        rates = throughput.rates_from_tflops(cfg.device_tflops, plan.device, dtype, precision)
+    elif cfg.measure:
+        if plan.device != "cpu":
+            raise ConfigError("--measure times one layer on this machine's CPU, but the actors run on "
+                              f"{plan.device}; pass --device-tflops (one actor's dense TFLOP/s) instead")
+        threads = cfg.cpus_per_actor or (os.cpu_count() or 1) / plan.num_actors  # as ray_cluster shares them
+        rates = throughput.measure_rates(hf_config, "cpu", dtype, cfg.batch_size, seq_len, precision,
+                                         max(1, int(threads)))
+    else:
+        return None
+    measured_rule = cfg.rank_by in MEASURED_RULES
+    fitted = plan.num_layers if measured_rule or cfg.linearize is None else cfg.linearize
+    estimate = throughput.estimate_time(hf_config, plan, tokens, seq_len, cfg.batch_size, precision, rates,
+                                        fitted, score_tokens if measured_rule else 0)
+    log(estimate.describe())
+    return estimate
+
+
+def estimate_vs_measured(estimate: TimeEstimate | None, timings: dict) -> dict | None:
+    """The report's record of the estimate: each estimated phase's seconds, measured seconds and their ratio."""
+    if estimate is None:
+        return None
+    measured = {k: timings.get("fit" if k == "loss_scoring" else k) for k in estimate.phases}
+    return {**estimate.to_dict(), "measured": measured,
+            "measured_over_estimate": {k: measured[k] / v for k, v in estimate.phases.items() if measured[k] and v}}
+
+
 def snapshot_folder(cfg: CalibrationConfig, fingerprint: str, log) -> tuple[Path, bool]:
     """(folder, restore): the run's snapshot folder, and whether it holds a matching run to resume."""
     folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else resume.default_folder(cfg.out)
     record = {"model": cfg.model, "options": {k: getattr(cfg, k) for k in (
-        "data", "samples", "seq_len", "seed", "stages", "replicas", "batch_size", "dtype")}}
+        "data", "samples", "seq_len", "seed", "stages", "replicas", "batch_size", "dtype", "stats_precision")}}
     return folder, resume.open_folder(folder, fingerprint, cfg.resume, record, log)
 
 
 def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str,
-                 snapshots: tuple[Path, bool] | None = None, fingerprint: str = "") -> Backend:
+                 snapshots: tuple[Path, bool] | None = None, fingerprint: str = "",
+                 stats_precision: str = "fp32") -> Backend:
     if cfg.backend == "in-process":
         from nbl_dist.local import InProcessBackend
 
-        return InProcessBackend(cfg.model, dtype, device)
+        return InProcessBackend(cfg.model, dtype, device, stats_precision=stats_precision)
     from nbl_dist.ray_backend import RayBackend
 
     folder, restore = snapshots if snapshots else (None, False)
@@ -151,7 +188,8 @@ def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, de
                       cpus_per_actor=cfg.cpus_per_actor, max_inflight=cfg.max_inflight,
                       stats_device=None if plan.stages[0].stats_on_device else "cpu",
                       checkpoint_dir=str(folder) if folder else None, checkpoint_every=cfg.checkpoint_every,
-                      restore=restore, fingerprint=fingerprint, max_restarts=cfg.max_restarts)
+                      restore=restore, fingerprint=fingerprint, max_restarts=cfg.max_restarts,
+                      stats_precision=stats_precision)
 
 
 def progress_callback(total: int, also: Callable[[int], None] | None) -> Callable[[int], None]:
@@ -210,9 +248,13 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     blocks, score_blocks = calibration_blocks(cfg, blocks)
     timer.mark("data")
     plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
-    fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype)
+    precision = resolve_precision(cfg.stats_precision, device, dtype)
+    estimate = time_estimate(cfg, hf_config, plan, dtype, precision, int(blocks.numel()), int(score_blocks.numel()),
+                             int(blocks.shape[1]), log)
+    fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype,
+                                         precision)
     snapshots = snapshot_folder(cfg, fingerprint, log) if cfg.backend == "ray" else None
-    backend = make_backend(cfg, plan, dtype, device, snapshots, fingerprint)
+    backend = make_backend(cfg, plan, dtype, device, snapshots, fingerprint, precision)
     try:
         log_placement(backend.placement, log)
         timer.mark("startup")
@@ -238,6 +280,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
                           workers=workers, placement=backend.placement, plan=plan, backend=backend.name,
                           dtype=str(dtype).removeprefix("torch."), device=device, output=output,
                           config=dataclasses.asdict(cfg))
+    report.update(stats_precision=precision, time_estimate=estimate_vs_measured(estimate, report["timings"]))
     publish(report, tmp, final, cfg.plot, snapshots[0] if snapshots and not cfg.keep_checkpoint else None)
     if recovery["actor_restarts"]:
         log(f"Recovered from {recovery['actor_restarts']} actor deaths {recovery['restarts_by_phase']}; waited "
@@ -245,6 +288,8 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     log(f"Linearized layers {selection.selected} (by {cfg.rank_by}); wrote {final} "
         f"({fmt_bytes(output['removed_bytes'] - output['added_bytes'])} smaller) "
         f"in {report['timings']['total']:.1f} s, {report['timings']['tokens_per_s']:,.0f} tok/s streaming")
+    if estimate is not None:
+        log(f"  streaming took {report['timings']['stream']:.1f} s; the plan estimated {estimate.phases['stream']:.1f} s")
     return report
 
 

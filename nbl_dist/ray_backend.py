@@ -205,6 +205,7 @@ class RayBackend:
         cpus_per_actor: CPUs reserved per actor (default: what the cluster has, shared out).
         max_inflight: micro-batches in flight per replica.
         stats_device: where actors keep statistics (None: on their device; "cpu": host memory).
+        stats_precision: how actors form the statistics' Gram products (stats.PRECISIONS).
         checkpoint_dir, checkpoint_every: each actor snapshots its statistics there every so many micro-batches.
         restore: actors start from their snapshots (resume).
         fingerprint: identifies the run; a snapshot with another is refused.
@@ -219,7 +220,7 @@ class RayBackend:
                  address: str | None = None, placement: str = "PACK", cpus_per_actor: float | None = None,
                  max_inflight: int = 2, pg_timeout_s: float = 120.0, stats_device: str | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, restore: bool = False,
-                 fingerprint: str = "", max_restarts: int = 3):
+                 fingerprint: str = "", max_restarts: int = 3, stats_precision: str = "fp32"):
         self.cluster = RayCluster(address)
         self._ray = self.cluster.ray
         self.plan, self.max_inflight = plan, max_inflight
@@ -234,7 +235,8 @@ class RayBackend:
             self.grid = ActorGrid(self.cluster, plan, self.model_dir, self.worker_cls,
                                   options=dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=1),
                                   worker_kwargs=dict(dtype=str(dtype).removeprefix("torch."), device=device,
-                                                     stats_device=stats_device, num_threads=max(1, int(cpus)),
+                                                     stats_device=stats_device, stats_precision=stats_precision,
+                                                     num_threads=max(1, int(cpus)),
                                                      checkpoint_dir=checkpoint_dir,
                                                      checkpoint_every=checkpoint_every, fingerprint=fingerprint))
             self.owners = OwnerState(self._ray, self.grid)
