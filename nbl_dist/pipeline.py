@@ -22,6 +22,7 @@ from nbl_dist.config import CalibrationConfig
 from nbl_dist.errors import ConfigError, PlanError
 from nbl_dist.linearized import atomic_replace_dir, write_linearized
 from nbl_dist.plan import ShardPlan, check_memory, fmt_bytes, parse_bytes
+from nbl_dist.plan import time_estimate as plan_time_estimate
 from nbl_dist.progress import PhaseTimer, Progress
 from nbl_dist.ray_cluster import cluster_address
 from nbl_dist.report import (
@@ -132,28 +133,18 @@ def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: 
     return check.plan
 
 
-def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, dtype: torch.dtype, precision: str,
+def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, precision: str,
                   tokens: int, score_tokens: int, seq_len: int, log) -> TimeEstimate | None:
     """The plan's estimate of the compute phases' wall time, from --device-tflops or from rates measured here
-    (--measure) with one micro-batch through one layer on this machine's CPU; None when neither is asked for."""
-    from nbl_dist import throughput
-
-    if cfg.device_tflops is not None:
-        rates = throughput.rates_from_tflops(cfg.device_tflops, plan.device, dtype, precision)
-    elif cfg.measure:
-        if plan.device != "cpu":
-            raise ConfigError("--measure times one layer on this machine's CPU, but the actors run on "
-                              f"{plan.device}; pass --device-tflops (one actor's dense TFLOP/s) instead")
-        threads = cfg.cpus_per_actor or (os.cpu_count() or 1) / plan.num_actors  # as ray_cluster shares them
-        rates = throughput.measure_rates(hf_config, "cpu", dtype, cfg.batch_size, seq_len, precision,
-                                         max(1, int(threads)))
-    else:
-        return None
+    (--measure); None when neither is asked for."""
     measured_rule = cfg.rank_by in MEASURED_RULES
-    fitted = plan.num_layers if measured_rule or cfg.linearize is None else cfg.linearize
-    estimate = throughput.estimate_time(hf_config, plan, tokens, seq_len, cfg.batch_size, precision, rates,
-                                        fitted, score_tokens if measured_rule else 0)
-    log(estimate.describe())
+    threads = cfg.cpus_per_actor or (os.cpu_count() or 1) / plan.num_actors  # as ray_cluster shares them out
+    estimate = plan_time_estimate(
+        hf_config, plan, tokens, seq_len, cfg.batch_size, precision, device_tflops=cfg.device_tflops,
+        measure=cfg.measure, num_threads=max(1, int(threads)),
+        fitted_layers=None if measured_rule else cfg.linearize, score_tokens=score_tokens if measured_rule else 0)
+    if estimate is not None:
+        log(estimate.describe())
     return estimate
 
 
@@ -249,7 +240,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     timer.mark("data")
     plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
     precision = resolve_precision(cfg.stats_precision, device, dtype)
-    estimate = time_estimate(cfg, hf_config, plan, dtype, precision, int(blocks.numel()), int(score_blocks.numel()),
+    estimate = time_estimate(cfg, hf_config, plan, precision, int(blocks.numel()), int(score_blocks.numel()),
                              int(blocks.shape[1]), log)
     fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype,
                                          precision)

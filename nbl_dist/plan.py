@@ -197,6 +197,36 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
                      dtype=str(dtype).removeprefix("torch."), stages=tuple(out), replicas=replicas, device=device)
 
 
+def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size: int, precision: str, *,
+                  device_tflops: float | None = None, measure: bool = False, num_threads: int | None = None,
+                  fitted_layers: int | None = None, score_tokens: int = 0):
+    """The plan's estimated wall time of each compute phase (throughput.TimeEstimate), or None when no rate is
+    known: the rates come from device_tflops, or are measured on this machine's CPU (measure) with one
+    micro-batch through one layer and num_threads torch threads (an actor's share of the CPUs).
+
+    Args:
+        config: the model's config; plan: its ShardPlan.
+        tokens, seq_len, batch_size: the calibration tokens and the micro-batch shape.
+        precision: the statistics precision (resolved, not "auto").
+        fitted_layers: layers fitted (default: all); score_tokens: the measured rule's held-back tokens.
+    """
+    from nbl_dist import throughput
+
+    dtype = getattr(torch, plan.dtype)
+    if device_tflops is not None:
+        rates = throughput.rates_from_tflops(device_tflops, plan.device, dtype, precision)
+    elif measure:
+        if plan.device != "cpu":
+            raise PlanError(f"--measure times one layer on this machine's CPU, but the actors run on {plan.device}; "
+                            "pass --device-tflops (one actor's dense TFLOP/s) instead")
+        rates = throughput.measure_rates(config, "cpu", dtype, batch_size, seq_len, precision, num_threads)
+    else:
+        return None
+    fitted = plan.num_layers if fitted_layers is None else fitted_layers
+    return throughput.estimate_time(config, plan, tokens, seq_len, batch_size, precision, rates, fitted,
+                                    score_tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class FitCheck:
     fits: bool
