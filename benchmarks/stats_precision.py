@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, smollm2_and_plays
 
 import torch
 
@@ -25,8 +25,6 @@ from nbl_dist import stats as stats_mod
 from nbl_dist import synthetic, throughput
 from nbl_dist.arch import adapter_for
 from nbl_dist.capture import capture_stats
-from nbl_dist.convert import convert_gguf, smollm2_gguf
-from nbl_dist.corpora import shakespeare_split
 from nbl_dist.data import load_blocks
 from nbl_dist.evaluate import perplexity
 from nbl_dist.linalg import layer_scores, lmmse_fit
@@ -132,9 +130,7 @@ def main():
     ap.add_argument("--out", default=str(REPO / "runs" / "stats_precision.json"))
     a = ap.parse_args()
     t0 = time.perf_counter()
-    runs = REPO / "runs"
-    model_dir = convert_gguf(smollm2_gguf(), runs / "smollm2-135m")
-    calib, held = shakespeare_split(runs / "shakespeare")
+    model_dir, calib, held = smollm2_and_plays()
     tok = AutoTokenizer.from_pretrained(model_dir)
     blocks = load_blocks(calib, tok, a.samples, a.seq_len)
     heldout = load_blocks(held, tok, a.eval_blocks, a.seq_len)

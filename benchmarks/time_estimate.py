@@ -11,13 +11,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import REPO
+from common import REPO, smollm2_and_plays
 
 from nbl_dist import calibrate
-from nbl_dist.convert import convert_gguf, smollm2_gguf
-from nbl_dist.corpora import shakespeare_split
 
-SETTINGS = {"ray, 2 stages": dict(stages=2), "in-process": dict(backend="in-process")}
+SETTINGS = {"ray, 2 stages": {"stages": 2}, "in-process": {"backend": "in-process"}}
 
 
 def main():
@@ -28,9 +26,7 @@ def main():
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--out", default=str(REPO / "runs" / "time_estimate.json"))
     a = ap.parse_args()
-    runs = REPO / "runs"
-    model_dir = convert_gguf(smollm2_gguf(), runs / "smollm2-135m")
-    calib, _ = shakespeare_split(runs / "shakespeare")
+    model_dir, calib, _ = smollm2_and_plays()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.settings:

@@ -84,32 +84,31 @@ def cmd_calibrate(args) -> int:
 def cmd_plan(args) -> int:
     from nbl_dist.plan import check_memory, parse_bytes
     from nbl_dist.safetensors_io import torch_dtype
+    from nbl_dist.stats import resolve_precision
 
     hf_config = _config_from_path(args.model)
     from nbl_dist.arch import adapter_for
 
     adapter_for(hf_config)
+    precision = resolve_precision(args.stats_precision, args.device, torch_dtype(args.dtype))
     check = check_memory(hf_config, args.stages, parse_bytes(args.device_memory), parse_bytes(args.host_memory),
                          args.stats_device, replicas=args.replicas, dtype=torch_dtype(args.dtype),
                          batch_size=args.batch_size, seq_len=args.seq_len, max_inflight=args.max_inflight,
-                         device=args.device)
+                         device=args.device, stats_precision=precision)
     print(check.plan.describe())
     print(f"  {args.samples} x {args.seq_len} tokens in micro-batches of {args.batch_size}; "
           f"{check.plan.total_params:,} parameters")
     print(f"  memory check: {check.message}")
-    print_time_estimate(args, hf_config, check.plan)
+    print_time_estimate(args, hf_config, check.plan, precision)
     return 0 if check.fits else 1
 
 
-def print_time_estimate(args, hf_config, plan) -> None:
+def print_time_estimate(args, hf_config, plan, precision: str) -> None:
     """The estimated wall time of each compute phase for the requested tokens (--device-tflops or --measure)."""
     import os
 
     from nbl_dist.plan import time_estimate
-    from nbl_dist.safetensors_io import torch_dtype
-    from nbl_dist.stats import resolve_precision
 
-    precision = resolve_precision(args.stats_precision, args.device, torch_dtype(plan.dtype))
     threads = max(1, (os.cpu_count() or 1) // plan.num_actors)  # a local CPU cluster's share per actor
     est = time_estimate(hf_config, plan, args.samples * args.seq_len, args.seq_len, args.batch_size, precision,
                         device_tflops=args.device_tflops, measure=args.measure, num_threads=threads,

@@ -119,13 +119,14 @@ def default_device_memory(device_memory: str | None, device: str, local: bool, a
     return None  # a remote CPU cluster: its nodes' memory is not known here
 
 
-def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int, log) -> ShardPlan:
+def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int, log,
+                 stats_precision: str = "fp32") -> ShardPlan:
     """The shard plan, checked against the memory budget before anything is loaded."""
     local = cfg.backend == "in-process" or cluster_address(cfg.address)[0] is None
     budget = default_device_memory(cfg.device_memory, device, local, cfg.stages * cfg.replicas)
     check = check_memory(hf_config, cfg.stages, budget, parse_bytes(cfg.host_memory), cfg.stats_device,
                          replicas=cfg.replicas, dtype=dtype, batch_size=cfg.batch_size, seq_len=seq_len,
-                         max_inflight=cfg.max_inflight, device=device)
+                         max_inflight=cfg.max_inflight, device=device, stats_precision=stats_precision)
     log(check.plan.describe())
     log(f"  memory check: {check.message}")
     if not check.fits:
@@ -238,8 +239,8 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     final, tmp = prepare_output(cfg.out, cfg.overwrite)
     blocks, score_blocks = calibration_blocks(cfg, blocks)
     timer.mark("data")
-    plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log)
     precision = resolve_precision(cfg.stats_precision, device, dtype)
+    plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), log, precision)
     estimate = time_estimate(cfg, hf_config, plan, precision, int(blocks.numel()), int(score_blocks.numel()),
                              int(blocks.shape[1]), log)
     fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype,

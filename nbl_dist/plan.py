@@ -12,6 +12,7 @@ import torch
 from nbl_dist.arch import adapter_for, meta_model
 from nbl_dist.config import parse_bytes  # noqa: F401  (re-exported: it moved to the torch-free config module)
 from nbl_dist.errors import PlanError
+from nbl_dist.stats import CENTRED_BYTES
 
 STATS_MATRICES = 3  # M_xx, M_ax, M_aa, float64
 
@@ -157,14 +158,14 @@ def balance(costs: list[int], parts: int, first_extra: int = 0) -> list[tuple[in
 
 def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch.float32, batch_size: int = 1,
               seq_len: int = 2048, max_inflight: int = 2, device: str = "cpu",
-              stats_on_device: bool = True) -> ShardPlan:
+              stats_on_device: bool = True, stats_precision: str = "fp32") -> ShardPlan:
     """Plan `stages` contiguous shards balanced by bytes (weights + statistics), replicated `replicas` times.
 
     Memory per actor, from the config alone:
       weights     the shard's parameters in the forward dtype (stage 0 also the embedding);
       statistics  3 d x d float64 co-moments and 2 d float64 means per layer;
       activations (max_inflight + 1) micro-batches of (B, T, d) hidden states queued or produced, plus the
-                  forward's working set (MLP intermediate, q/k/v/attention output, the float32 centred copies
+                  forward's working set (MLP intermediate, q/k/v/attention output, the centred copies
                   of x and a) and one d x d Gram product in float32 with its float64 copy;
       fit         9 d x d float64 for one layer at a time: scoring holds 3 covariances, C_yy, both Cholesky
                   factors and three triangular solves;
@@ -184,7 +185,7 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
     head_dim = getattr(config, "head_dim", None) or d // heads
     queued = (max_inflight + 1) * tokens * d * esize
     forward = tokens * esize * (3 * config.intermediate_size + (2 * heads + 2 * kv) * head_dim + 3 * d)
-    centred = tokens * d * 4 * 2 + d * d * (4 + 8)
+    centred = tokens * d * CENTRED_BYTES["cuda" if device == "cuda" else "cpu"][stats_precision] + d * d * (4 + 8)
     runtime = GPU_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     out = []
     for s, (i, j) in enumerate(ranges):

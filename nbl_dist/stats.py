@@ -94,7 +94,14 @@ def split_operand(t: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
         return (t,)
     hi = t.to(torch.bfloat16)
     parts = (hi,) if precision == "bf16" else (hi, t.sub_(hi).to(torch.bfloat16))  # t - hi is exact in float32
-    return parts if t.is_cuda else tuple(p.float() for p in parts)
+    on_cuda = t.is_cuda
+    del t  # the caller's temporary: freed before the float32 copies below exist
+    return parts if on_cuda else tuple(p.float() for p in parts)
+
+
+# Bytes per token and channel that the centred x and a take at their peak while a batch's Grams are formed (for
+# the memory plan): float32 copies; bf16 parts (float32 ones off CUDA) with one operand's split in flight.
+CENTRED_BYTES = {"cuda": {"fp32": 8, "bf16": 8, "bf16x3": 12}, "cpu": {"fp32": 8, "bf16": 10, "bf16x3": 20}}
 
 
 def _mm_f32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from nbl_dist.linalg import layer_scores
 from nbl_dist.stats import GEMM_TERMS, LayerStats, triangle_edges
 
 # Dense peak TFLOP/s of the NVIDIA H100 SXM (datasheet; no sparsity): the rates of a given --device-tflops are
@@ -129,7 +130,8 @@ def random_layer(config, device: torch.device, dtype: torch.dtype):
 def measure_rates(config, device: str, dtype: torch.dtype, batch_size: int, seq_len: int, precision: str,
                   num_threads: int | None = None) -> DeviceRates:
     """Rates measured on this machine: one micro-batch (batch_size x seq_len) through one random decoder layer,
-    its statistics update at `precision`, and a d x d float64 product, each the best of 3 timed runs.
+    its statistics update at `precision`, and the scores of that layer (the rank phase's factorisations and
+    solves, whose float64 rate at this d is well below a GEMM's), each the best of 3 timed runs.
 
     Args:
         num_threads: torch threads while measuring (an actor's share of the CPUs; None: as set).
@@ -143,16 +145,15 @@ def measure_rates(config, device: str, dtype: torch.dtype, batch_size: int, seq_
     cos_sin = rotary(h, pos)
     stats = LayerStats.empty(d, dev)
     a = torch.randn_like(h, dtype=dtype)
-    c = torch.randn(d, d, device=dev, dtype=torch.float64, generator=g)
     with torch_threads(num_threads):
         t_fwd = best_seconds(lambda: layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
                                            use_cache=False))
         t_stats = best_seconds(lambda: stats.update(h, a, precision))
-        t_fp64 = best_seconds(lambda: c @ c)
+        t_fp64 = best_seconds(lambda: layer_scores(0, stats))
     tokens = batch_size * seq_len
     threads = f", {num_threads or torch.get_num_threads()} thread(s)" if dev.type == "cpu" else ""
     return DeviceRates(layer_forward_flops(config, seq_len) * tokens / t_fwd,
-                       stats_flops(d, precision, dev.type) * tokens / t_stats, 2 * d ** 3 / t_fp64,
+                       stats_flops(d, precision, dev.type) * tokens / t_stats, RANK_D3 * d ** 3 / t_fp64,
                        f"measured on {dev.type}{threads}: one {batch_size} x {seq_len} micro-batch through one layer")
 
 

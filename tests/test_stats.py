@@ -91,7 +91,7 @@ def precision_errors(d: int, precision: str) -> float:
     s = LayerStats.empty(d)
     for lo in range(0, 4000, 512):
         s.update(torch.from_numpy(x32[lo:lo + 512]), torch.from_numpy(a32[lo:lo + 512]), precision)
-    _, mx, ma, *ref = reference_moments(x32.astype(np.float64), a32.astype(np.float64))
+    _, mx, _, *ref = reference_moments(x32.astype(np.float64), a32.astype(np.float64))
     assert np.abs(s.mu_x.numpy() - mx).max() <= 1e-12 * np.abs(mx).max()  # means stay float64 whatever the Grams
     return max(np.abs(got.numpy() - want).max() / np.abs(want).max()
                for got, want in zip((s.m_xx, s.m_ax, s.m_aa), ref))
