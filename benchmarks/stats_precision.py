@@ -92,12 +92,14 @@ def accuracy(stats: dict[int, LayerStats], ref: dict[int, LayerStats], ref_score
 def update_seconds_per_token(x: torch.Tensor, a: torch.Tensor, precision: str, triangle: bool) -> float:
     """Best-of-5 time of one statistics update on a real micro-batch (x, a: (m, d)), per token."""
     saved = dict(stats_mod.TRIANGLE_BLOCKS)
-    if not triangle:
-        stats_mod.TRIANGLE_BLOCKS.clear()
+    stats_mod.TRIANGLE_BLOCKS.clear()
+    if triangle:
+        stats_mod.TRIANGLE_BLOCKS[x.device.type] = 4
     try:
         s = LayerStats.empty(x.shape[1])
         return throughput.best_seconds(lambda: s.update(x, a, precision), repeats=5) / x.shape[0]
     finally:
+        stats_mod.TRIANGLE_BLOCKS.clear()
         stats_mod.TRIANGLE_BLOCKS.update(saved)
 
 
@@ -162,7 +164,7 @@ def main():
             row[f"layers_k{k}"] = layers
             row[f"ppl_k{k}"] = ppl_with(acc["fits"], layers)
         if p != REFERENCE:
-            row["gflop_per_token_layer"] = throughput.stats_flops(x.shape[1], p, "cpu") / 1e9
+            row["gflop_per_token_layer"] = throughput.stats_flops(x.shape[1], p, "cpu") / 1e9  # as the table says
             row["us_per_token_layer"] = 1e6 * update_seconds_per_token(x, act, p, triangle=True)
             row["us_per_token_layer_full"] = 1e6 * update_seconds_per_token(x, act, p, triangle=False)
         rows.append(row)
@@ -179,15 +181,17 @@ def main():
 def print_table(rows: list[dict], ks: list[int], base: float) -> None:
     ref = rows[0]
     print(f"\nrelative errors against float64 statistics (max over 30 layers); held-out perplexity (original "
-          f"{base:.2f}); time per token of one layer's statistics update here (symmetric products by block-rows "
-          "/ as full GEMMs)")
+          f"{base:.2f}); FLOPs and time per token of one layer's statistics update here (symmetric products by 4 "
+          "block-rows / as full GEMMs)")
     head = (f"{'precision':>9} {'M_xx':>8} {'M_ax':>8} {'M_aa':>8} {'CCA':>8} {'W':>8} {'b':>8} "
-            + " ".join(f"{f'ppl K={k}':>9} {'vs f64':>7}" for k in ks) + f" {'GFLOP/tok':>10} {'us/tok':>7} {'full':>6}")
+            + " ".join(f"{f'ppl K={k}':>9} {'vs f64':>7}" for k in ks)
+            + f" {'GFLOP/tok':>10} {'us/tok tri':>10} {'full':>7}")
     print(head)
     for r in rows:
         ppl = " ".join(f"{r[f'ppl_k{k}']:>9.3f} {100 * (r[f'ppl_k{k}'] / ref[f'ppl_k{k}'] - 1):>+6.2f}%" for k in ks)
-        cost = (f" {r['gflop_per_token_layer']:>10.5f} {r['us_per_token_layer']:>7.2f} {r['us_per_token_layer_full']:>6.2f}"
-                if "us_per_token_layer" in r else "")
+        cost = "" if "us_per_token_layer" not in r else (f" {r['gflop_per_token_layer']:>10.5f} "
+                                                          f"{r['us_per_token_layer']:>10.1f} "
+                                                          f"{r['us_per_token_layer_full']:>7.1f}")
         print(f"{r['precision']:>9} {r['m_xx']:>8.1e} {r['m_ax']:>8.1e} {r['m_aa']:>8.1e} {r['cca_bound']:>8.1e} "
               f"{r['W']:>8.1e} {r['b']:>8.1e} {ppl}{cost}")
     for k in ks:

@@ -281,7 +281,8 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         f"({fmt_bytes(output['removed_bytes'] - output['added_bytes'])} smaller) "
         f"in {report['timings']['total']:.1f} s, {report['timings']['tokens_per_s']:,.0f} tok/s streaming")
     if estimate is not None:
-        log(f"  streaming took {report['timings']['stream']:.1f} s; the plan estimated {estimate.phases['stream']:.1f} s")
+        log(f"  streaming took {report['timings']['stream']:.1f} s; the plan estimated "
+            f"{estimate.phases['stream']:.1f} s")
     return report
 
 

@@ -68,8 +68,9 @@ PRECISIONS = ("fp32", "bf16x3", "bf16")
 # `auto`: per device, the fastest precision whose measured accuracy meets AUTO_TOLERANCE (the numbers are in
 # benchmarks/RESULTS.md, "Statistics precision"). On CPU the bf16 precisions run as float32 GEMMs (see
 # split_operand), so nothing is faster than fp32 there.
-AUTO_PRECISION = {"cpu": "fp32", "cuda": "fp32"}
-AUTO_TOLERANCE = "held-out perplexity of the linearized SmolLM2 within 0.1% of float64 statistics at K = 4 and 8"
+AUTO_PRECISION = {"cpu": "fp32", "cuda": "bf16x3"}
+AUTO_TOLERANCE = ("co-moments within 1e-5 relative error of float64 statistics on SmolLM2 (so the fit stays at "
+                  "float32's level: W within 2e-3) and held-out perplexity within 0.1% at K = 4 and 8")
 # The GEMMs of one product: (part of the left operand, part of the right one).
 GEMM_TERMS = {"fp32": ((0, 0),), "bf16": ((0, 0),), "bf16x3": ((0, 0), (0, 1), (1, 0))}
 
@@ -125,10 +126,12 @@ def gram(left: tuple[torch.Tensor, ...], right: tuple[torch.Tensor, ...], precis
     return out
 
 
-# Symmetric products by block-rows of the upper triangle (the lower one mirrored): blocks (b+1)/(2b) of the
-# FLOPs. Chosen per device from measurements (benchmarks/stats_precision.py): on CPU 4 block-rows take 0.66-0.8
-# of a full GEMM's time from d = 576 on; CUDA is not measured yet, so it keeps full GEMMs until it is.
-TRIANGLE_BLOCKS = {"cpu": 4}
+# Symmetric products by block-rows of the upper triangle (the lower one mirrored): (b+1)/(2b) of the FLOPs with b
+# block-rows. Used on the devices listed here, where it is faster (benchmarks/stats_precision.py measures both).
+# CPU: not listed. The block-row GEMMs alone take 0.66-0.8 of a full GEMM's time from d = 576 on, but within the
+# whole update the strided float64 adds and the mirror cost more than that saves (SmolLM2, d = 576, 1024 tokens:
+# 1.7x slower; synthetic d = 576-2048: equal). CUDA: not measured yet, so full GEMMs until it is.
+TRIANGLE_BLOCKS: dict[str, int] = {}
 TRIANGLE_MIN_DIM = 256  # below this the small GEMMs' overhead eats the saving
 
 
