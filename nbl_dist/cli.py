@@ -109,9 +109,9 @@ def print_time_estimate(args, hf_config, plan, precision: str) -> None:
 
     from nbl_dist.plan import time_estimate
 
-    threads = max(1, (os.cpu_count() or 1) // plan.num_actors)  # a local CPU cluster's share per actor
+    share = 1 / plan.num_actors  # the actors share a local CPU machine
     est = time_estimate(hf_config, plan, args.samples * args.seq_len, args.seq_len, args.batch_size, precision,
-                        device_tflops=args.device_tflops, measure=args.measure, num_threads=threads,
+                        device_tflops=args.device_tflops, measure=args.measure, cpu_share=share,
                         fitted_layers=args.linearize)
     print(est.describe() if est else "  time estimate: pass --device-tflops T or --measure for one")
 

@@ -139,10 +139,11 @@ def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, precision:
     """The plan's estimate of the compute phases' wall time, from --device-tflops or from rates measured here
     (--measure); None when neither is asked for."""
     measured_rule = cfg.rank_by in MEASURED_RULES
-    threads = cfg.cpus_per_actor or (os.cpu_count() or 1) / plan.num_actors  # as ray_cluster shares them out
+    cpus = os.cpu_count() or 1
+    share = min(1.0, cfg.cpus_per_actor / cpus) if cfg.cpus_per_actor else 1 / plan.num_actors
     estimate = plan_time_estimate(
         hf_config, plan, tokens, seq_len, cfg.batch_size, precision, device_tflops=cfg.device_tflops,
-        measure=cfg.measure, num_threads=max(1, int(threads)),
+        measure=cfg.measure, cpu_share=share,
         fitted_layers=None if measured_rule else cfg.linearize, score_tokens=score_tokens if measured_rule else 0)
     if estimate is not None:
         log(estimate.describe())

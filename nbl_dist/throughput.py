@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import time
 
 import torch
@@ -88,7 +89,7 @@ def rates_from_tflops(tflops: float, device_type: str, forward_dtype: torch.dtyp
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """torch's intra-op threads set to n (as an actor given n CPUs runs) inside the block."""
+    """torch's intra-op threads set to n (None: left as they are) inside the block."""
     prev = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -128,13 +129,15 @@ def random_layer(config, device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def measure_rates(config, device: str, dtype: torch.dtype, batch_size: int, seq_len: int, precision: str,
-                  num_threads: int | None = None) -> DeviceRates:
+                  cpu_share: float = 1.0) -> DeviceRates:
     """Rates measured on this machine: one micro-batch (batch_size x seq_len) through one random decoder layer,
     its statistics update at `precision`, and the scores of that layer (the rank phase's factorisations and
     solves, whose float64 rate at this d is well below a GEMM's), each the best of 3 timed runs.
 
     Args:
-        num_threads: torch threads while measuring (an actor's share of the CPUs; None: as set).
+        cpu_share: the share of this machine's CPUs one actor gets. CPU rates are measured with every CPU
+            busy and scaled by it: actors running side by side share the cores (and their vector units: on this
+            development machine 2 vCPUs run two 1-thread actors at about half a lone thread's rate each).
     """
     dev = torch.device(device)
     layer, rotary = random_layer(config, dev, dtype)
@@ -145,16 +148,19 @@ def measure_rates(config, device: str, dtype: torch.dtype, batch_size: int, seq_
     cos_sin = rotary(h, pos)
     stats = LayerStats.empty(d, dev)
     a = torch.randn_like(h, dtype=dtype)
-    with torch_threads(num_threads):
+    cpu = dev.type == "cpu"
+    share = cpu_share if cpu else 1.0
+    with torch_threads(os.cpu_count() if cpu else None):
         t_fwd = best_seconds(lambda: layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
                                            use_cache=False))
         t_stats = best_seconds(lambda: stats.update(h, a, precision))
         t_fp64 = best_seconds(lambda: layer_scores(0, stats))
     tokens = batch_size * seq_len
-    threads = f", {num_threads or torch.get_num_threads()} thread(s)" if dev.type == "cpu" else ""
-    return DeviceRates(layer_forward_flops(config, seq_len) * tokens / t_fwd,
-                       stats_flops(d, precision, dev.type) * tokens / t_stats, RANK_D3 * d ** 3 / t_fp64,
-                       f"measured on {dev.type}{threads}: one {batch_size} x {seq_len} micro-batch through one layer")
+    shared = f" on all {os.cpu_count()} CPUs x {share:.3g} per actor" if cpu else ""
+    return DeviceRates(share * layer_forward_flops(config, seq_len) * tokens / t_fwd,
+                       share * stats_flops(d, precision, dev.type) * tokens / t_stats,
+                       share * RANK_D3 * d ** 3 / t_fp64,
+                       f"measured{shared}: one {batch_size} x {seq_len} micro-batch through one layer")
 
 
 @dataclasses.dataclass(frozen=True)
