@@ -105,13 +105,10 @@ def cmd_plan(args) -> int:
 
 def print_time_estimate(args, hf_config, plan, precision: str) -> None:
     """The estimated wall time of each compute phase for the requested tokens (--device-tflops or --measure)."""
-    import os
-
     from nbl_dist.plan import time_estimate
 
-    share = 1 / plan.num_actors  # the actors share a local CPU machine
     est = time_estimate(hf_config, plan, args.samples * args.seq_len, args.seq_len, args.batch_size, precision,
-                        device_tflops=args.device_tflops, measure=args.measure, cpu_share=share,
+                        device_tflops=args.device_tflops, measure=args.measure, actors_here=plan.num_actors,
                         fitted_layers=args.linearize)
     print(est.describe() if est else "  time estimate: pass --device-tflops T or --measure for one")
 

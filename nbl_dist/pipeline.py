@@ -139,11 +139,9 @@ def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, precision:
     """The plan's estimate of the compute phases' wall time, from --device-tflops or from rates measured here
     (--measure); None when neither is asked for."""
     measured_rule = cfg.rank_by in MEASURED_RULES
-    cpus = os.cpu_count() or 1
-    share = min(1.0, cfg.cpus_per_actor / cpus) if cfg.cpus_per_actor else 1 / plan.num_actors
     estimate = plan_time_estimate(
         hf_config, plan, tokens, seq_len, cfg.batch_size, precision, device_tflops=cfg.device_tflops,
-        measure=cfg.measure, cpu_share=share,
+        measure=cfg.measure, actors_here=plan.num_actors,
         fitted_layers=None if measured_rule else cfg.linearize, score_tokens=score_tokens if measured_rule else 0)
     if estimate is not None:
         log(estimate.describe())

@@ -199,11 +199,11 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
 
 
 def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size: int, precision: str, *,
-                  device_tflops: float | None = None, measure: bool = False, cpu_share: float = 1.0,
+                  device_tflops: float | None = None, measure: bool = False, actors_here: int = 1,
                   fitted_layers: int | None = None, score_tokens: int = 0):
     """The plan's estimated wall time of each compute phase (throughput.TimeEstimate), or None when no rate is
     known: the rates come from device_tflops, or are measured on this machine's CPU (measure) with one
-    micro-batch through one layer, scaled to one actor's share of the CPUs (cpu_share).
+    micro-batch through one layer, with the actors_here actors sharing those CPUs measured side by side.
 
     Args:
         config: the model's config; plan: its ShardPlan.
@@ -220,7 +220,7 @@ def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size
         if plan.device != "cpu":
             raise PlanError(f"--measure times one layer on this machine's CPU, but the actors run on {plan.device}; "
                             "pass --device-tflops (one actor's dense TFLOP/s) instead")
-        rates = throughput.measure_rates(config, "cpu", dtype, batch_size, seq_len, precision, cpu_share)
+        rates = throughput.measure_rates(config, "cpu", dtype, batch_size, seq_len, precision, actors_here)
     else:
         return None
     fitted = plan.num_layers if fitted_layers is None else fitted_layers

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import threading
 import time
 
 import torch
@@ -127,40 +128,61 @@ def random_layer(config, device: torch.device, dtype: torch.dtype):
     return layer, adapter.rebuild_rotary(adapter.decoder(meta), config, device)
 
 
+def side_by_side(work, copies: int) -> list:
+    """work() run by `copies` threads started together (torch releases the GIL in its kernels, so they compute
+    at once, as that many actors sharing this machine's CPUs do); their results, in no particular order."""
+    if copies <= 1:
+        return [work()]
+    start, results = threading.Barrier(copies), []
+
+    def run():
+        start.wait()
+        results.append(work())
+
+    threads = [threading.Thread(target=run) for _ in range(copies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 @torch.no_grad()
 def measure_rates(config, device: str, dtype: torch.dtype, batch_size: int, seq_len: int, precision: str,
-                  cpu_share: float = 1.0) -> DeviceRates:
-    """Rates measured on this machine: one micro-batch (batch_size x seq_len) through one random decoder layer,
-    its statistics update at `precision`, and the scores of that layer (the rank phase's factorisations and
-    solves, whose float64 rate at this d is well below a GEMM's), each the best of 3 timed runs.
+                  actors: int = 1) -> DeviceRates:
+    """One actor's rates measured on this machine: one micro-batch (batch_size x seq_len) through one random
+    decoder layer, its statistics update at `precision`, and the scores of that layer (the rank phase's
+    factorisations and solves, whose float64 rate at this d is well below a GEMM's), each the best of 3 runs.
 
     Args:
-        cpu_share: the share of this machine's CPUs one actor gets. CPU rates are measured with every CPU
-            busy and scaled by it: actors running side by side share the cores (and their vector units: on this
-            development machine 2 vCPUs run two 1-thread actors at about half a lone thread's rate each).
+        actors: actors sharing this machine's CPUs (a local CPU run). They are measured side by side, each with
+            its share of torch threads, since they share the cores and their vector units (on the development
+            machine two 1-thread actors on 2 vCPUs each ran at ~0.56 of a lone thread's rate).
     """
     dev = torch.device(device)
     layer, rotary = random_layer(config, dev, dtype)
-    d = config.hidden_size
+    d, tokens = config.hidden_size, batch_size * seq_len
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.randn(batch_size, seq_len, d, device=dev, dtype=dtype, generator=g)  # (B, T, d)
+    a = torch.randn_like(h, dtype=dtype)  # (B, T, d)
     pos = torch.arange(seq_len, device=dev).unsqueeze(0)  # (1, T)
     cos_sin = rotary(h, pos)
-    stats = LayerStats.empty(d, dev)
-    a = torch.randn_like(h, dtype=dtype)
+
+    def one_actor() -> tuple[float, float, float]:
+        stats = LayerStats.empty(d, dev)
+        return (best_seconds(lambda: layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
+                                           use_cache=False)),
+                best_seconds(lambda: stats.update(h, a, precision)), best_seconds(lambda: layer_scores(0, stats)))
+
     cpu = dev.type == "cpu"
-    share = cpu_share if cpu else 1.0
-    with torch_threads(os.cpu_count() if cpu else None):
-        t_fwd = best_seconds(lambda: layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin,
-                                           use_cache=False))
-        t_stats = best_seconds(lambda: stats.update(h, a, precision))
-        t_fp64 = best_seconds(lambda: layer_scores(0, stats))
-    tokens = batch_size * seq_len
-    shared = f" on all {os.cpu_count()} CPUs x {share:.3g} per actor" if cpu else ""
-    return DeviceRates(share * layer_forward_flops(config, seq_len) * tokens / t_fwd,
-                       share * stats_flops(d, precision, dev.type) * tokens / t_stats,
-                       share * RANK_D3 * d ** 3 / t_fp64,
-                       f"measured{shared}: one {batch_size} x {seq_len} micro-batch through one layer")
+    copies = max(1, actors) if cpu else 1
+    threads = max(1, (os.cpu_count() or 1) // copies)  # as ray_cluster shares the CPUs out
+    with torch_threads(threads if cpu else None):
+        t_fwd, t_stats, t_fp64 = (max(t) for t in zip(*side_by_side(one_actor, copies)))  # the slowest actor
+    how = f" ({copies} actor(s) side by side, {threads} thread(s) each)" if cpu else ""
+    return DeviceRates(layer_forward_flops(config, seq_len) * tokens / t_fwd,
+                       stats_flops(d, precision, dev.type) * tokens / t_stats, RANK_D3 * d ** 3 / t_fp64,
+                       f"measured on {dev.type}{how}: one {batch_size} x {seq_len} micro-batch through one layer")
 
 
 @dataclasses.dataclass(frozen=True)

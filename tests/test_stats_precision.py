@@ -22,17 +22,19 @@ def max_rel(got: dict, ref: dict) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_auto_choice_of_every_device_keeps_selection_and_w(family, make_model_dir, tmp_path):
-    """For each device's `auto` entry, run here with that precision: the same layers and W within the float32
-    tolerance of the parity tests (2e-4 relative) as fp32 statistics; `auto` here resolves to this CPU's entry
-    and the report records the precision used."""
+    """Each precision `auto` picks on some device (other than fp32), run here: the same layers and W within the
+    float32 tolerance of the parity tests (2e-4 relative) as fp32 statistics; `auto` here resolves to this CPU's
+    entry and the report records the precision used."""
     src = make_model_dir(family, torch.float32, num_hidden_layers=4)
     blocks = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
     ref, ref_t = run(src, tmp_path / "fp32", blocks, backend="in-process", stats_precision="fp32")
-    for device, precision in sorted(AUTO_PRECISION.items()):
-        rep, got = run(src, tmp_path / device, blocks, backend="in-process", stats_precision=precision)
+    choices = sorted(set(AUTO_PRECISION.values()) - {"fp32"})
+    assert choices  # some device's auto differs from fp32 (else this test would compare fp32 with itself)
+    for precision in choices:
+        rep, got = run(src, tmp_path / precision, blocks, backend="in-process", stats_precision=precision)
         assert rep["stats_precision"] == precision
-        assert rep["selected_layers"] == ref["selected_layers"], device
-        assert max_rel(got, ref_t) <= 2e-4, (device, precision)
+        assert rep["selected_layers"] == ref["selected_layers"], precision
+        assert max_rel(got, ref_t) <= 2e-4, precision
     rep, _ = run(src, tmp_path / "auto", blocks, backend="in-process")
     assert rep["stats_precision"] == AUTO_PRECISION["cpu"] == resolve_precision("auto", "cpu", torch.float32)
     assert resolve_precision("auto", "cuda", torch.float64) == "fp32"  # a float64 model keeps float64 Grams
