@@ -13,12 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, smollm2_and_plays
 
 import torch
 
-from nbl_dist.convert import convert_gguf, smollm2_gguf
-from nbl_dist.corpora import pydoc_blocks, shakespeare_split
+from nbl_dist.corpora import pydoc_blocks
 from nbl_dist.data import load_blocks
 from nbl_dist.evaluate import perplexity
 from nbl_dist.linearized import apply_linearization, zero_fits
@@ -38,9 +37,7 @@ def main():
     ap.add_argument("--out", default=str(REPO / "runs" / "selection.json"))
     a = ap.parse_args()
     t0 = time.perf_counter()
-    runs = REPO / "runs"
-    model_dir = convert_gguf(smollm2_gguf(), runs / "smollm2-135m")
-    calib, held = shakespeare_split(runs / "shakespeare")
+    model_dir, calib, held = smollm2_and_plays()
     tok = AutoTokenizer.from_pretrained(model_dir)
     blocks = load_blocks(calib, tok, a.samples + a.score_samples, a.seq_len)
     stat_blocks, score_blocks = blocks[: a.samples], blocks[a.samples:]

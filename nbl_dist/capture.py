@@ -28,7 +28,7 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 
 @contextlib.contextmanager
 def capture_stats(layers: Mapping[int, nn.Module], stats: Mapping[int, LayerStats], adapter: ArchAdapter,
-                  tag: str = "", timer: dict | None = None) -> Iterator[None]:
+                  tag: str = "", timer: dict | None = None, precision: str = "fp32") -> Iterator[None]:
     """Accumulate stats[i] from every forward of layers[i] inside the block.
 
     Args:
@@ -36,6 +36,7 @@ def capture_stats(layers: Mapping[int, nn.Module], stats: Mapping[int, LayerStat
         stats: layer index -> accumulator (updated in place).
         tag: text naming the current batch in error messages.
         timer: if given, timer["statistics"] accumulates the seconds spent updating statistics.
+        precision: how the Gram products are formed (stats.PRECISIONS).
     """
     handles = []
     pending: dict[int, torch.Tensor] = {}
@@ -52,7 +53,7 @@ def capture_stats(layers: Mapping[int, nn.Module], stats: Mapping[int, LayerStat
             t0 = time.perf_counter()
             check_finite(x, f"the input of layer {i}{tag}")
             check_finite(a, f"the attention output of layer {i}{tag}")
-            stats[i].update(x.detach(), a.detach())
+            stats[i].update(x.detach(), a.detach(), precision)
             if timer is not None:
                 if x.is_cuda:
                     torch.cuda.synchronize(x.device)

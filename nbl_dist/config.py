@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("ray", "in-process")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STATS_DEVICES = ("auto", "device", "cpu")
+STATS_PRECISIONS = ("auto", "fp32", "bf16x3", "bf16")  # stats.PRECISIONS and auto (config stays torch-free)
 REQUIRED = ("model", "out")
 
 
@@ -86,6 +87,15 @@ class CalibrationConfig:
     host_memory: str | None = option(None, help="host RAM per actor for statistics kept on the host, e.g. 256GiB")
     stats_device: str = option("auto", choices=STATS_DEVICES,
                                help="where statistics live: the actor's device, host memory, or auto")
+    stats_precision: str = option("auto", choices=STATS_PRECISIONS,
+                                  help="precision of the statistics' Gram products (float64 sums either way): "
+                                       "fp32, bf16x3 (three bf16 GEMMs), bf16, or auto (per device, see "
+                                       "benchmarks/RESULTS.md)")
+    device_tflops: float | None = option(None, minimum=0, group="rates",
+                                         help="dense TFLOP/s of one actor's device in the forward dtype: the plan "
+                                              "then estimates each phase's wall time")
+    measure: bool = option(False, group="rates", help="estimate each phase's wall time from rates measured here "
+                                                      "with one micro-batch through one layer (CPU actors)")
     # The output folder stays atomic: checkpoints go to a sibling folder by default.
     checkpoint_dir: str | None = option(None, help="where actors checkpoint statistics "
                                                    "(default: .OUT.ckpt beside --out)")
@@ -303,6 +313,8 @@ def check_conflicts(cfg: CalibrationConfig) -> None:
         bad(f"--rank-by {cfg.rank_by} needs held-back blocks: --score-samples must be at least 1")
     if cfg.backend == "in-process" and (cfg.stages, cfg.replicas) != (1, 1):
         bad("the in-process backend runs one stage and one replica; use the Ray backend for more")
+    if cfg.device_tflops is not None and cfg.measure:
+        bad("--device-tflops and --measure both given; keep one: the rate you know, or one measured here")
     if cfg.backend == "in-process" and cfg.resume:
         bad("--resume needs the Ray backend (the in-process backend keeps no checkpoints); drop --resume")
 

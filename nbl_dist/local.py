@@ -31,12 +31,13 @@ class InProcessBackend:
         dtype: forward dtype.
         device: torch device for the forward and the statistics.
         model: an already-loaded model to use instead of reading model_dir (tests, notebooks).
+        stats_precision: how the statistics' Gram products are formed (stats.PRECISIONS).
     """
 
     name = "in-process"
 
     def __init__(self, model_dir: str | Path | None, dtype: torch.dtype, device: str | torch.device = "cpu",
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, stats_precision: str = "fp32"):
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
@@ -44,6 +45,7 @@ class InProcessBackend:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        self.stats_precision = stats_precision
         self.adapter = adapter_for(self.model.config)
         n_layers = len(self.adapter.layers(self.model))
         self.statistics = ShardStats(0, n_layers, self.model.config.hidden_size, self.device)
@@ -63,7 +65,8 @@ class InProcessBackend:
         layers = dict(enumerate(self.adapter.layers(self.model)))
         decoder = self.adapter.decoder(self.model)
         timer = {"statistics": 0.0}
-        with capture_stats(layers, self.statistics.layers, self.adapter, timer=timer):
+        with capture_stats(layers, self.statistics.layers, self.adapter, timer=timer,
+                           precision=self.stats_precision):
             for start in range(0, blocks.shape[0], batch_size):
                 batch = blocks[start:start + batch_size].to(self.device)  # (B, T)
                 t0 = time.perf_counter()

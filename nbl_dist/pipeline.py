@@ -24,6 +24,7 @@ from nbl_dist.devices import DeviceBudget, gpu_budget, resolve_actor_device, res
 from nbl_dist.errors import ConfigError, PlanError
 from nbl_dist.linearized import atomic_replace_dir, write_linearized
 from nbl_dist.plan import ShardPlan, check_memory, fmt_bytes, parse_bytes
+from nbl_dist.plan import time_estimate as plan_time_estimate
 from nbl_dist.progress import PhaseTimer, RunProgress
 from nbl_dist.ray_cluster import RayCluster, cluster_address
 from nbl_dist.report import (
@@ -40,6 +41,8 @@ from nbl_dist.selection import (
     select_layers,
     split_held_back,
 )
+from nbl_dist.stats import resolve_precision
+from nbl_dist.throughput import TimeEstimate
 
 
 GPU_PROBE_TIMEOUT_S = 60.0  # for the memory probe on each GPU node
@@ -152,11 +155,11 @@ def device_budget(cfg: CalibrationConfig, device: str, cluster: RayCluster | Non
 
 
 def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: str, seq_len: int,
-                 budget: DeviceBudget, log) -> ShardPlan:
+                 budget: DeviceBudget, log, stats_precision: str = "fp32") -> ShardPlan:
     """The shard plan, checked against the memory budget before anything is loaded."""
     check = check_memory(hf_config, cfg.stages, budget.bytes, parse_bytes(cfg.host_memory), cfg.stats_device,
                          replicas=cfg.replicas, dtype=dtype, batch_size=cfg.batch_size, seq_len=seq_len,
-                         max_inflight=cfg.max_inflight, device=device)
+                         max_inflight=cfg.max_inflight, device=device, stats_precision=stats_precision)
     log(check.plan.describe())
     log(f"  memory check: {check.message} (budget: {budget.source})")
     if not check.fits:
@@ -164,11 +167,34 @@ def checked_plan(cfg: CalibrationConfig, hf_config, dtype: torch.dtype, device: 
     return check.plan
 
 
+def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, precision: str,
+                  tokens: int, score_tokens: int, seq_len: int, log) -> TimeEstimate | None:
+    """The plan's estimate of the compute phases' wall time, from --device-tflops or from rates measured here
+    (--measure); None when neither is asked for."""
+    measured_rule = cfg.rank_by in MEASURED_RULES
+    estimate = plan_time_estimate(
+        hf_config, plan, tokens, seq_len, cfg.batch_size, precision, device_tflops=cfg.device_tflops,
+        measure=cfg.measure, actors_here=plan.num_actors,
+        fitted_layers=None if measured_rule else cfg.linearize, score_tokens=score_tokens if measured_rule else 0)
+    if estimate is not None:
+        log(estimate.describe())
+    return estimate
+
+
+def estimate_vs_measured(estimate: TimeEstimate | None, timings: dict) -> dict | None:
+    """The report's record of the estimate: each estimated phase's seconds, measured seconds and their ratio."""
+    if estimate is None:
+        return None
+    measured = {k: timings.get("fit" if k == "loss_scoring" else k) for k in estimate.phases}
+    return {**estimate.to_dict(), "measured": measured,
+            "measured_over_estimate": {k: measured[k] / v for k, v in estimate.phases.items() if measured[k] and v}}
+
+
 def snapshot_folder(cfg: CalibrationConfig, fingerprint: str, log) -> tuple[Path, bool]:
     """(folder, restore): the run's snapshot folder, and whether it holds a matching run to resume."""
     folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else resume.default_folder(cfg.out)
     record = {"model": cfg.model, "options": {k: getattr(cfg, k) for k in (
-        "data", "samples", "seq_len", "seed", "stages", "replicas", "batch_size", "dtype")}}
+        "data", "samples", "seq_len", "seed", "stages", "replicas", "batch_size", "dtype", "stats_precision")}}
     return folder, resume.open_folder(folder, fingerprint, cfg.resume, record, log)
 
 
@@ -180,11 +206,11 @@ def run_name(out: str, fingerprint: str) -> str:
 
 def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, device: str,
                  snapshots: tuple[Path, bool] | None = None, fingerprint: str = "",
-                 cluster: RayCluster | None = None) -> Backend:
+                 cluster: RayCluster | None = None, stats_precision: str = "fp32") -> Backend:
     if cfg.backend == "in-process":
         from nbl_dist.local import InProcessBackend
 
-        return InProcessBackend(cfg.model, dtype, device)
+        return InProcessBackend(cfg.model, dtype, device, stats_precision=stats_precision)
     from nbl_dist.ray_backend import RayBackend
 
     folder, restore = snapshots if snapshots else (None, False)
@@ -193,7 +219,8 @@ def make_backend(cfg: CalibrationConfig, plan: ShardPlan, dtype: torch.dtype, de
                       stats_device=None if plan.stages[0].stats_on_device else "cpu",
                       checkpoint_dir=str(folder.absolute()) if folder else None,  # the same path on every node
                       checkpoint_every=cfg.checkpoint_every, restore=restore, fingerprint=fingerprint,
-                      max_restarts=cfg.max_restarts, run_name=run_name(cfg.out, fingerprint), cluster=cluster)
+                      max_restarts=cfg.max_restarts, run_name=run_name(cfg.out, fingerprint), cluster=cluster,
+                      stats_precision=stats_precision)
 
 
 def progress_callback(progress: RunProgress, total: int,
@@ -256,10 +283,14 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         timer.mark("startup")
         blocks, score_blocks, data_record = calibration_blocks(cfg, blocks)
         timer.mark("data")
-        plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), budget, log)
-        fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype)
+        precision = resolve_precision(cfg.stats_precision, device, dtype)
+        plan = checked_plan(cfg, hf_config, dtype, device, int(blocks.shape[1]), budget, log, precision)
+        estimate = time_estimate(cfg, hf_config, plan, precision, int(blocks.numel()), int(score_blocks.numel()),
+                                 int(blocks.shape[1]), log)
+        fingerprint = resume.run_fingerprint(cfg.model, blocks, cfg.stages, cfg.replicas, cfg.batch_size, dtype,
+                                             precision)
         snapshots = snapshot_folder(cfg, fingerprint, log) if cfg.backend == "ray" else None
-        backend = make_backend(cfg, plan, dtype, device, snapshots, fingerprint, cluster)
+        backend = make_backend(cfg, plan, dtype, device, snapshots, fingerprint, cluster, precision)
     try:
         log_placement(backend.placement, log)
         timer.mark("startup")
@@ -287,6 +318,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
                           workers=workers, placement=backend.placement, plan=plan, backend=backend.name,
                           dtype=str(dtype).removeprefix("torch."), device=device, output=output,
                           config=dataclasses.asdict(cfg), data=data_record)
+    report.update(stats_precision=precision, time_estimate=estimate_vs_measured(estimate, report["timings"]))
     publish(report, tmp, final, cfg.plot, snapshots[0] if snapshots and not cfg.keep_checkpoint else None)
     if recovery["actor_restarts"]:
         log(f"Recovered from {recovery['actor_restarts']} actor deaths {recovery['restarts_by_phase']}; waited "
@@ -294,6 +326,9 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
     log(f"Linearized layers {selection.selected} (by {cfg.rank_by}); wrote {final} "
         f"({fmt_bytes(output['removed_bytes'] - output['added_bytes'])} smaller) "
         f"in {report['timings']['total']:.1f} s, {report['timings']['tokens_per_s']:,.0f} tok/s streaming")
+    if estimate is not None:
+        log(f"  streaming took {report['timings']['stream']:.1f} s; the plan estimated "
+            f"{estimate.phases['stream']:.1f} s")
     return report
 
 

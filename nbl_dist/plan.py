@@ -12,6 +12,7 @@ import torch
 from nbl_dist.arch import adapter_for, meta_model
 from nbl_dist.config import parse_bytes  # noqa: F401  (re-exported: it moved to the torch-free config module)
 from nbl_dist.errors import PlanError
+from nbl_dist.stats import CENTRED_BYTES
 
 STATS_MATRICES = 3  # M_xx, M_ax, M_aa, float64
 
@@ -157,14 +158,14 @@ def balance(costs: list[int], parts: int, first_extra: int = 0) -> list[tuple[in
 
 def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch.float32, batch_size: int = 1,
               seq_len: int = 2048, max_inflight: int = 2, device: str = "cpu",
-              stats_on_device: bool = True) -> ShardPlan:
+              stats_on_device: bool = True, stats_precision: str = "fp32") -> ShardPlan:
     """Plan `stages` contiguous shards balanced by bytes (weights + statistics), replicated `replicas` times.
 
     Memory per actor, from the config alone:
       weights     the shard's parameters in the forward dtype (stage 0 also the embedding);
       statistics  3 d x d float64 co-moments and 2 d float64 means per layer;
       activations (max_inflight + 1) micro-batches of (B, T, d) hidden states queued or produced, plus the
-                  forward's working set (MLP intermediate, q/k/v/attention output, the float32 centred copies
+                  forward's working set (MLP intermediate, q/k/v/attention output, the centred copies
                   of x and a) and one d x d Gram product in float32 with its float64 copy;
       fit         9 d x d float64 for one layer at a time: scoring holds 3 covariances, C_yy, both Cholesky
                   factors and three triangular solves;
@@ -184,7 +185,7 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
     head_dim = getattr(config, "head_dim", None) or d // heads
     queued = (max_inflight + 1) * tokens * d * esize
     forward = tokens * esize * (3 * config.intermediate_size + (2 * heads + 2 * kv) * head_dim + 3 * d)
-    centred = tokens * d * 4 * 2 + d * d * (4 + 8)
+    centred = tokens * d * CENTRED_BYTES["cuda" if device == "cuda" else "cpu"][stats_precision] + d * d * (4 + 8)
     runtime = GPU_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     out = []
     for s, (i, j) in enumerate(ranges):
@@ -195,6 +196,36 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
                              stats_on_device=stats_on_device))
     return ShardPlan(model_type=config.model_type, num_layers=len(per_layer), hidden_size=d, total_params=total,
                      dtype=str(dtype).removeprefix("torch."), stages=tuple(out), replicas=replicas, device=device)
+
+
+def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size: int, precision: str, *,
+                  device_tflops: float | None = None, measure: bool = False, actors_here: int = 1,
+                  fitted_layers: int | None = None, score_tokens: int = 0):
+    """The plan's estimated wall time of each compute phase (throughput.TimeEstimate), or None when no rate is
+    known: the rates come from device_tflops, or are measured on this machine's CPU (measure) with one
+    micro-batch through one layer, with the actors_here actors sharing those CPUs measured side by side.
+
+    Args:
+        config: the model's config; plan: its ShardPlan.
+        tokens, seq_len, batch_size: the calibration tokens and the micro-batch shape.
+        precision: the statistics precision (resolved, not "auto").
+        fitted_layers: layers fitted (default: all); score_tokens: the measured rule's held-back tokens.
+    """
+    from nbl_dist import throughput
+
+    dtype = getattr(torch, plan.dtype)
+    if device_tflops is not None:
+        rates = throughput.rates_from_tflops(device_tflops, plan.device, dtype, precision)
+    elif measure:
+        if plan.device != "cpu":
+            raise PlanError(f"--measure times one layer on this machine's CPU, but the actors run on {plan.device}; "
+                            "pass --device-tflops (one actor's dense TFLOP/s) instead")
+        rates = throughput.measure_rates(config, "cpu", dtype, batch_size, seq_len, precision, actors_here)
+    else:
+        return None
+    fitted = plan.num_layers if fitted_layers is None else fitted_layers
+    return throughput.estimate_time(config, plan, tokens, seq_len, batch_size, precision, rates, fitted,
+                                    score_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -263,6 +263,7 @@ class RayBackend:
         cpus_per_actor: CPUs reserved per actor (default: what the cluster has, shared out).
         max_inflight: micro-batches in flight per replica.
         stats_device: where actors keep statistics (None: on their device; "cpu": host memory).
+        stats_precision: how actors form the statistics' Gram products (stats.PRECISIONS).
         checkpoint_dir, checkpoint_every: each actor snapshots its statistics there every so many micro-batches.
         restore: actors start from their snapshots (resume).
         fingerprint: identifies the run; a snapshot with another is refused.
@@ -281,7 +282,7 @@ class RayBackend:
                  max_inflight: int = 2, pg_timeout_s: float = 120.0, stats_device: str | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, restore: bool = False,
                  fingerprint: str = "", max_restarts: int = 3, run_name: str = "",
-                 cluster: RayCluster | None = None):
+                 cluster: RayCluster | None = None, stats_precision: str = "fp32"):
         self.cluster = cluster or RayCluster(address)
         self._ray = self.cluster.ray
         self.plan, self.max_inflight = plan, max_inflight
@@ -300,7 +301,7 @@ class RayBackend:
             self.grid = ActorGrid(self.cluster, plan, self.model_dir, self.worker_cls,
                                   options=dict(num_cpus=cpus_per_actor, num_gpus=gpus, max_concurrency=1),
                                   worker_kwargs=dict(dtype=str(dtype).removeprefix("torch."), device=device,
-                                                     stats_device=stats_device,
+                                                     stats_device=stats_device, stats_precision=stats_precision,
                                                      num_threads=max(1, int(cpus_per_actor)),
                                                      checkpoint_dir=checkpoint_dir,
                                                      checkpoint_every=checkpoint_every, fingerprint=fingerprint),

@@ -27,16 +27,16 @@ MANIFEST = "manifest.json"
 
 
 def run_fingerprint(model_dir: str | Path, blocks: torch.Tensor, stages: int, replicas: int, batch_size: int,
-                    dtype: torch.dtype) -> str:
+                    dtype: torch.dtype, stats_precision: str = "fp32") -> str:
     """Identifies what a snapshot's statistics depend on: the model, the exact token blocks, and the options
-    that change what each actor accumulates."""
+    that change what each actor accumulates (the statistics precision among them: a run must not mix them)."""
     h = hashlib.sha256()
     model = Path(model_dir)
     h.update((model / "config.json").read_bytes())
     for name, fname in sorted(weight_map(model).items()):
         h.update(f"{name}:{fname}:{(model / fname).stat().st_size};".encode())
     h.update(blocks.numpy().tobytes())
-    h.update(json.dumps([list(blocks.shape), stages, replicas, batch_size, str(dtype)]).encode())
+    h.update(json.dumps([list(blocks.shape), stages, replicas, batch_size, str(dtype), stats_precision]).encode())
     return h.hexdigest()[:32]
 
 
@@ -59,7 +59,8 @@ def open_folder(folder: Path, fingerprint: str, require: bool, options: dict, lo
         if saved.get("fingerprint") != fingerprint:
             raise CheckpointError(
                 f"{folder} holds a checkpoint of a different run (model, token blocks, stages, replicas, batch "
-                f"size or dtype differ: {saved.get('options')}); delete it, or pass another --checkpoint-dir")
+                f"size, dtype or statistics precision differ: {saved.get('options')}); delete it, or pass "
+                "another --checkpoint-dir")
         log(f"Resuming from the checkpoint in {folder}")
         return True
     if require:

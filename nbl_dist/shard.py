@@ -122,6 +122,7 @@ class ShardWorker:
         model_dir, start, end, embed: the shard (see ShardModel); every node must see model_dir at this path.
         dtype, device: forward dtype name ("float32", "bfloat16", ...) and "cpu" or "cuda" (Ray's GPU).
         stats_device: where the float64 statistics live (default: device).
+        stats_precision: how the statistics' Gram products are formed (stats.PRECISIONS).
         replica, stage: this worker's coordinates, for the report.
         num_threads: torch intra-op threads (match the CPUs reserved for the actor).
         checkpoint_dir, checkpoint_every, fingerprint: this worker's snapshots (see resume.SnapshotSchedule).
@@ -131,11 +132,12 @@ class ShardWorker:
     def __init__(self, model_dir: str, start: int, end: int, *, embed: bool, dtype: str = "float32",
                  device: str = "cpu", stats_device: str | None = None, replica: int = 0, stage: int = 0,
                  num_threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 restore: bool = False, fingerprint: str = ""):
+                 restore: bool = False, fingerprint: str = "", stats_precision: str = "fp32"):
         t0 = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.replica, self.stage, self.device = replica, stage, torch.device(device)
+        self.stats_precision = stats_precision
         self.model = ShardModel(model_dir, start, end, embed=embed, dtype=torch_dtype(dtype), device=self.device)
         self.statistics = ShardStats(start, end, self.model.config.hidden_size, stats_device or device)
         self.candidates = LossCandidates(self.model)
@@ -188,7 +190,7 @@ class ShardWorker:
             return self.model.forward(h), False, 0.0
         timer = {"statistics": 0.0}
         with capture_stats(self.model.layers, self.stats, self.model.adapter, tag=f" (micro-batch {batch_id})",
-                           timer=timer):
+                           timer=timer, precision=self.stats_precision):
             h = self.model.forward(h)
         self.statistics.mark_done(batch_id)
         return h, True, timer["statistics"]

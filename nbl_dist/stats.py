@@ -41,14 +41,119 @@ def full_fp32_matmul():
     """float32 Gram products at full float32 precision, whatever the process set.
 
     TF32 (or bf16-emulated fp32) is exact only for inputs with at most 10 mantissa bits, such as raw bf16 values;
-    the centred values x - mu are not, so TF32 would round them. The setting is restored on exit.
+    the centred values x - mu are not, so TF32 would round them. bf16 products keep their float32 sums in
+    float32 too (no reduced-precision split-K reduction on CUDA). The settings are restored on exit.
     """
     prev = torch.get_float32_matmul_precision()
+    cuda_matmul = torch.backends.cuda.matmul
+    prev_bf16 = cuda_matmul.allow_bf16_reduced_precision_reduction
     torch.set_float32_matmul_precision("highest")
+    cuda_matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(prev)
+        cuda_matmul.allow_bf16_reduced_precision_reduction = prev_bf16
+
+
+# ---------------------------------------------------------------- Gram products at a chosen precision
+# How a batch's centred Gram products are formed (docs/method.md §3); all accumulate into float64 statistics.
+#   fp32    the centred values in gram_dtype (float32, or float64 for a float64 model), one GEMM;
+#   bf16x3  each centred value split as hi + lo, both bf16 (hi = bf16(t), lo = bf16(t - hi): 16 significant bits),
+#           and L^T R formed from three bf16 GEMMs with float32 sums, hi^T hi + hi^T lo + lo^T hi. The dropped
+#           lo^T lo is below float32's round-off except on the diagonal of M_xx and M_aa, where its terms are
+#           squares that add up instead of cancelling; that diagonal is added exactly (O(m d) work);
+#   bf16    the centred values rounded to bf16, one bf16 GEMM with float32 sums.
+PRECISIONS = ("fp32", "bf16x3", "bf16")
+# `auto`: per device, the fastest precision whose measured accuracy meets AUTO_TOLERANCE (the numbers are in
+# benchmarks/RESULTS.md, "Statistics precision"). On CPU the bf16 precisions run as float32 GEMMs (see
+# split_operand), so nothing is faster than fp32 there.
+AUTO_PRECISION = {"cpu": "fp32", "cuda": "bf16x3"}
+AUTO_TOLERANCE = ("co-moments within 1e-5 relative error of float64 statistics on SmolLM2 (so the fit stays at "
+                  "float32's level: W within 2e-3) and held-out perplexity within 0.1% at K = 4 and 8")
+# The GEMMs of one product: (part of the left operand, part of the right one).
+GEMM_TERMS = {"fp32": ((0, 0),), "bf16": ((0, 0),), "bf16x3": ((0, 0), (0, 1), (1, 0))}
+
+
+def resolve_precision(choice: str, device_type: str, dtype: torch.dtype) -> str:
+    """The statistics precision to use: `choice`, or for "auto" the device's entry of AUTO_PRECISION (fp32 for a
+    float64 forward, which asks for float64 statistics)."""
+    if choice != "auto":
+        return choice
+    return "fp32" if dtype == torch.float64 else AUTO_PRECISION.get(device_type, "fp32")
+
+
+def split_operand(t: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
+    """A centred batch t (m, d) as the parts its Gram products are formed from, each (m, d).
+
+    fp32: (t,); bf16: (bf16(t),); bf16x3: (hi, lo). t is consumed (overwritten) by bf16x3.
+    Off CUDA, torch's bf16 GEMM returns bf16 (its float32 sums are rounded away), so the bf16 parts are handed
+    over as float32 holding the bf16 values: a float32 GEMM of bf16-exact values is the same product with float32
+    sums (each product of two bf16 values is exact in float32), at float32 speed.
+    """
+    if precision == "fp32":
+        return (t,)
+    hi = t.to(torch.bfloat16)
+    parts = (hi,) if precision == "bf16" else (hi, t.sub_(hi).to(torch.bfloat16))  # t - hi is exact in float32
+    on_cuda = t.is_cuda
+    del t  # the caller's temporary: freed before the float32 copies below exist
+    return parts if on_cuda else tuple(p.float() for p in parts)
+
+
+# Bytes per token and channel that the centred x and a take at their peak while a batch's Grams are formed (for
+# the memory plan): float32 copies; bf16 parts (float32 ones off CUDA) with one operand's split in flight.
+CENTRED_BYTES = {"cuda": {"fp32": 8, "bf16": 8, "bf16x3": 12}, "cpu": {"fp32": 8, "bf16": 10, "bf16x3": 20}}
+
+
+def _mm_f32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right with float32 (or float64) sums and output, for float32/float64 or CUDA bf16 operands."""
+    if left.dtype == torch.bfloat16:
+        return torch.mm(left, right, out_dtype=torch.float32)
+    return left @ right
+
+
+def gram(left: tuple[torch.Tensor, ...], right: tuple[torch.Tensor, ...], precision: str,
+         rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+    """L[:, rows]^T R[:, cols] at `precision`, from the parts of split_operand (each (m, d)).
+
+    Returns:
+        (len(rows), len(cols)) in float32 (float64 for float64 parts).
+    """
+    out = None
+    for i, j in GEMM_TERMS[precision]:
+        p = _mm_f32(left[i][:, rows].T, right[j][:, cols])
+        out = p if out is None else out.add_(p)
+    return out
+
+
+# Symmetric products by block-rows of the upper triangle (the lower one mirrored): (b+1)/(2b) of the FLOPs with b
+# block-rows. Used on the devices listed here, where it is faster (benchmarks/stats_precision.py measures both).
+# CPU: not listed. The block-row GEMMs alone take 0.66-0.8 of a full GEMM's time from d = 576 on, but within the
+# whole update the strided float64 adds and the mirror cost more than that saves (SmolLM2, d = 576, 1024 tokens:
+# 1.7x slower; synthetic d = 576-2048: equal). CUDA: not measured yet, so full GEMMs until it is.
+TRIANGLE_BLOCKS: dict[str, int] = {}
+TRIANGLE_MIN_DIM = 256  # below this the small GEMMs' overhead eats the saving
+
+
+def triangle_edges(d: int, device_type: str) -> list[int]:
+    """Column boundaries of the block-rows a symmetric d x d product is formed in ([0, d]: one full GEMM)."""
+    blocks = TRIANGLE_BLOCKS.get(device_type, 1) if d >= TRIANGLE_MIN_DIM else 1
+    return [round(k * d / blocks) for k in range(blocks + 1)]
+
+
+def add_symmetric_gram(acc: torch.Tensor, parts: tuple[torch.Tensor, ...], precision: str) -> None:
+    """acc (d, d) float64 += T^T T for the batch whose parts are given, forming only the upper block-triangle.
+
+    One block-row (b, d - lo) is alive at a time, so the transient memory is at most one d x d product.
+    """
+    edges = triangle_edges(acc.shape[0], parts[0].device.type)
+    for lo, hi in zip(edges, edges[1:]):
+        row = gram(parts, parts, precision, slice(lo, hi), slice(lo, None)).to(acc.device, torch.float64)
+        acc[lo:hi, lo:] += row  # (hi - lo, d - lo): the diagonal block and the blocks right of it
+        acc[hi:, lo:hi] += row[:, hi - lo:].T  # their mirror below the diagonal
+    if precision == "bf16x3":  # the low parts' squares, which three GEMMs leave out
+        low = parts[1].float()
+        acc.diagonal().add_((low * low).sum(0, dtype=torch.float64).to(acc.device))
 
 
 @dataclasses.dataclass
@@ -82,18 +187,21 @@ class LayerStats:
 
     # ---------------------------------------------------------------- accumulation
     @torch.no_grad()
-    def update(self, x: torch.Tensor, a: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, a: torch.Tensor, precision: str = "fp32") -> None:
         """Fold one batch of token positions into the statistics, in place.
 
-        The batch is centred on its own mean and its Gram products are computed in gram_dtype where the
+        The batch is centred on its own mean and its Gram products are computed at `precision` where the
         activations are (the GPU, say); each d x d product is then added in float64 where the statistics live,
         with Chan's correction for the shift of the mean. One product is alive at a time, so the transient
-        memory is one d x d in gram_dtype plus its float64 copy.
+        memory is one d x d in float32 (gram_dtype) plus its float64 copy.
 
         Args:
             x: (..., d) residual-stream input of the layer (before its input norm).
             a: (..., d) attention sub-layer output, same leading shape.
+            precision: how the Gram products are formed, one of PRECISIONS (see split_operand).
         """
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown statistics precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         d = self.dim
         x = x.reshape(-1, d)  # (m, d)
         a = a.reshape(-1, d)  # (m, d)
@@ -103,19 +211,21 @@ class LayerStats:
         cd = gram_dtype(x.dtype)
         mu_xb = x.mean(0, dtype=torch.float64)  # (d,)
         mu_ab = a.mean(0, dtype=torch.float64)  # (d,)
-        xc = x.to(cd) - mu_xb.to(cd)  # (m, d) centred on the batch mean: no cancellation below
-        ac = a.to(cd) - mu_ab.to(cd)  # (m, d)
+        # (m, d) each, centred on the batch mean (no cancellation below), as the parts of `precision`
+        xs = split_operand(x.to(cd) - mu_xb.to(cd), precision)
+        as_ = split_operand(a.to(cd) - mu_ab.to(cd), precision)
         n1, n = self.n, self.n + m
         dx = mu_xb.to(self.device) - self.mu_x  # (d,)
         da = mu_ab.to(self.device) - self.mu_a  # (d,)
         w = n1 * m / n
         with full_fp32_matmul():
-            for name, left, right, dl, dr in (("m_xx", xc, xc, dx, dx), ("m_ax", ac, xc, da, dx),
-                                              ("m_aa", ac, ac, da, da)):
-                acc = getattr(self, name)
-                acc += (left.T @ right).to(self.device, torch.float64)  # (d, d)
-                if n1:
-                    acc.addr_(dl, dr, alpha=w)
+            add_symmetric_gram(self.m_xx, xs, precision)
+            self.m_ax += gram(as_, xs, precision).to(self.device, torch.float64)  # (d, d)
+            add_symmetric_gram(self.m_aa, as_, precision)
+        del xs, as_
+        if n1:
+            for acc, dl, dr in ((self.m_xx, dx, dx), (self.m_ax, da, dx), (self.m_aa, da, da)):
+                acc.addr_(dl, dr, alpha=w)
         self.mu_x += dx * (m / n)
         self.mu_a += da * (m / n)
         self.n = n
