@@ -19,6 +19,7 @@ from nbl_dist.capture import capture_stats
 from nbl_dist.evaluate import loss_sum
 from nbl_dist.linalg import LayerScores
 from nbl_dist.linearized import linearize_layer
+from nbl_dist.selection import increases
 from nbl_dist.shard_stats import ShardStats
 
 
@@ -83,20 +84,30 @@ class InProcessBackend:
         """Fit the LMMSE map of each layer; returns layer -> ridge used."""
         return self.statistics.fit(layers, ridge)
 
-    @torch.no_grad()
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
         """Mean next-token loss increase on held-back blocks with each layer alone linearized (fits needed)."""
+        layers = sorted(self.fits)
+        losses = self.set_losses([(), *((i,) for i in layers)], score_blocks, batch_size)
+        return dict(zip(layers, increases(losses)))
+
+    @torch.no_grad()
+    def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
+        """Mean next-token loss on held-back blocks with each set linearized together: a whole forward per set
+        (the reference the Ray backend's stage-restarting pass must equal)."""
         layers = self.adapter.layers(self.model)
         d = self.model.config.hidden_size
-        base, tokens = loss_sum(self.model, score_blocks, batch_size)
-        out = {}
-        for i, fit in sorted(self.fits.items()):
-            original = layers[i]
-            layers[i] = linearize_layer(original, i, self.adapter, d, (fit.weight, fit.bias))
+        out = []
+        for chosen in sets:
+            originals = {i: layers[i] for i in chosen}
+            for i in chosen:
+                fit = self.fits[i]
+                layers[i] = linearize_layer(originals[i], i, self.adapter, d, (fit.weight, fit.bias))
             try:
-                out[i] = (loss_sum(self.model, score_blocks, batch_size)[0] - base) / tokens
+                total, tokens = loss_sum(self.model, score_blocks, batch_size)
             finally:
-                layers[i] = original
+                for i, original in originals.items():
+                    layers[i] = original
+            out.append(total / tokens)
         return out
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
