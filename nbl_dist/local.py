@@ -18,7 +18,7 @@ from nbl_dist.backend import Placement, StreamResult, WorkerReport
 from nbl_dist.capture import capture_stats
 from nbl_dist.evaluate import loss_sum
 from nbl_dist.linalg import LayerScores
-from nbl_dist.linearized import linearize_layer
+from nbl_dist.linearized import linearized_in_place
 from nbl_dist.selection import increases
 from nbl_dist.shard_stats import ShardStats
 
@@ -94,19 +94,10 @@ class InProcessBackend:
     def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
         """Mean next-token loss on held-back blocks with each set linearized together: a whole forward per set
         (the reference the Ray backend's stage-restarting pass must equal)."""
-        layers = self.adapter.layers(self.model)
-        d = self.model.config.hidden_size
         out = []
         for chosen in sets:
-            originals = {i: layers[i] for i in chosen}
-            for i in chosen:
-                fit = self.fits[i]
-                layers[i] = linearize_layer(originals[i], i, self.adapter, d, (fit.weight, fit.bias))
-            try:
+            with linearized_in_place(self.model, {i: (self.fits[i].weight, self.fits[i].bias) for i in chosen}):
                 total, tokens = loss_sum(self.model, score_blocks, batch_size)
-            finally:
-                for i, original in originals.items():
-                    layers[i] = original
             out.append(total / tokens)
         return out
 

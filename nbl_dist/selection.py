@@ -109,8 +109,12 @@ def choose_auto(scores: list[LayerScores], k: int, measure: Measure) -> list[Can
 def choose_greedy(scores: list[LayerScores], k: int, pool_size: int, measure: Measure) -> list[Candidate]:
     """Build the set one layer at a time: at each step add the shortlisted layer whose addition gives the set the
     lowest loss, measured with the whole set linearized together (one measure call per step). Returns every set
-    tried, step by step; the final set is the chosen one."""
+    tried, step by step; the final set is the chosen one. A shortlist of exactly K layers leaves nothing to
+    choose: the whole of it is measured once."""
     pool, current, tried = shortlist(scores, k, pool_size), (), []
+    if len(pool) == k:
+        base, loss = measure([(), tuple(pool)])
+        return [Candidate(tuple(pool), loss - base, "greedy: the whole shortlist", chosen=True)]
     base = None
     for step in range(1, k + 1):
         sets = [tuple(sorted((*current, i))) for i in pool if i not in current]
