@@ -12,6 +12,7 @@ backend's numbers are the same: tests/test_selection.py).
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from nbl_dist.convert import convert_gguf, smollm2_gguf
 from nbl_dist.corpora import pydoc_blocks, shakespeare_split
 from nbl_dist.data import load_blocks
-from nbl_dist.evaluate import perplexity
+from nbl_dist.evaluate import next_token_loss, perplexity
 from nbl_dist.linearized import linearized_in_place, zero_fits
 from nbl_dist.local import InProcessBackend
 from nbl_dist.selection import STATISTIC_RULES, choose_set, fits_needed, select_layers
@@ -110,21 +111,62 @@ def greedy_picks(backend, scores, score_blocks, ks, shortlist):
     return picks
 
 
-class Evaluator:
-    """Held-out perplexity of the model with a set of layers replaced, each distinct set evaluated once."""
+class PassThrough(torch.nn.Module):
+    """Stands in for a decoder layer whose output is already known: hands its input on."""
 
-    def __init__(self, backend, sets):
-        self.backend, self.sets, self.done = backend, sets, {}
+    def forward(self, hidden_states, **kwargs):
+        return hidden_states
+
+
+class Evaluator:
+    """Held-out perplexity of the model with a set of layers replaced, each distinct set evaluated once. A set's
+    forward starts at its first layer, from the original's hidden states entering that layer (computed once):
+    the layers before it are the original's, so their output is too."""
+
+    def __init__(self, backend, sets, batch_size=4):
+        self.model, self.fits, self.sets, self.batch_size = backend.model, backend.fits, sets, batch_size
+        self.layers = backend.adapter.layers(self.model)
+        self.done, self.entering = {}, {name: self._entering(b) for name, b in sets.items()}
+
+    @torch.no_grad()
+    def _entering(self, blocks):
+        """[layer] -> (N, T, d) hidden states entering that layer in the original model."""
+        parts = [self.model(input_ids=blocks[i:i + self.batch_size], output_hidden_states=True).hidden_states
+                 for i in range(0, len(blocks), self.batch_size)]
+        return [torch.cat([p[j] for p in parts]) for j in range(len(self.layers))]
+
+    @torch.no_grad()
+    def _perplexity_from(self, start, name):
+        ids, h = self.sets[name], self.entering[name][start]
+        kept = [self.layers[i] for i in range(start)]
+        for i in range(start):
+            self.layers[i] = PassThrough()
+        try:
+            total = count = 0
+            for i in range(0, len(ids), self.batch_size):
+                logits = self.model(inputs_embeds=h[i:i + self.batch_size]).logits
+                loss, n = next_token_loss(logits, ids[i:i + self.batch_size])
+                total, count = total + loss, count + n
+        finally:
+            for i, layer in enumerate(kept):
+                self.layers[i] = layer
+        return math.exp(total / count)
 
     def __call__(self, layers, drop=False):
         key = (tuple(layers), drop)
         if key not in self.done:
-            d = self.backend.model.config.hidden_size
-            fits = zero_fits(layers, d) if drop else {i: (self.backend.fits[i].weight, self.backend.fits[i].bias)
-                                                      for i in layers}
-            with linearized_in_place(self.backend.model, fits) as model:
-                self.done[key] = {name: perplexity(model, b) for name, b in self.sets.items()}
+            d = self.model.config.hidden_size
+            fits = zero_fits(layers, d) if drop else {i: (self.fits[i].weight, self.fits[i].bias) for i in layers}
+            with linearized_in_place(self.model, fits):
+                self.done[key] = {name: self._perplexity_from(min(layers, default=0), name) for name in self.sets}
         return self.done[key]
+
+    def check(self, layers):
+        """The shortcut against a whole forward of the model with `layers` linearized (both perplexities)."""
+        got = self(layers)
+        fits = {i: (self.fits[i].weight, self.fits[i].bias) for i in layers}
+        with linearized_in_place(self.model, fits) as model:
+            return got, {name: perplexity(model, b, self.batch_size) for name, b in self.sets.items()}
 
 
 def print_tables(base, rows, times, stream_s, ks, chose):
@@ -177,6 +219,9 @@ def main():
 
     evaluate = Evaluator(backend, sets)
     base = evaluate([])
+    shortcut, whole = evaluate.check(picks[a.ks[0], "cosine"][0])
+    print(f"held-out perplexity from the first linearized layer {shortcut}, by a whole forward {whole}", flush=True)
+    assert all(math.isclose(shortcut[n], whole[n], rel_tol=1e-4) for n in sets), (shortcut, whole)
     rows = []
     for k in a.ks:
         for rule in COLUMNS:
