@@ -40,7 +40,8 @@ def main():
     blocks = torch.randint(0, 32000, (a.samples, a.seq_len), generator=torch.Generator().manual_seed(0))
     out = REPO / "runs" / "bench-memory-out"
     rep = calibrate(str(model_dir), str(out), blocks=blocks, linearize=2, stages=a.stages, batch_size=2,
-                    dtype="float32", device="cpu", device_memory=a.budget, overwrite=True, plot=False)
+                    dtype="float32", device="cpu", device_memory=a.budget, overwrite=True, plot=False,
+                    rank_by="cca")  # the statistics pass's memory: every block into it, no held-back forwards
     plan = {s["stage"]: s for s in rep["plan"]["stages"]}
     print(f"\n{'actor':>5} {'layers':>8} {'planned':>11} {'peak RSS':>11} {'RSS/plan':>9} {'RSS/model':>10} "
           f"{'RSS/budget':>10}")

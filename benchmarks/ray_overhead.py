@@ -73,7 +73,7 @@ def main():
                 t = time.perf_counter()
                 rep = calibrate(str(model_dir), str(REPO / "runs" / "bench-200m-out"), blocks=data[n],
                                 linearize=2, batch_size=a.batch_size, dtype="float32", device="cpu",
-                                overwrite=True, plot=False, log=lambda *x: None, **backends[name])
+                                overwrite=True, plot=False, log=lambda *x: None, rank_by="cca", **backends[name])
                 runs[(name, n)].append(breakdown(time.perf_counter() - t, rep))
                 print(f"  round {r + 1} {n:>7,} tokens {name:>14}: {runs[(name, n)][-1]['wall']:6.1f} s",
                       file=sys.stderr, flush=True)

@@ -91,7 +91,7 @@ def main():
                 t0 = time.perf_counter()
                 rep = calibrate(str(model_dir), str(out / "last-output"), blocks=blocks, linearize=2, stages=stages,
                                 replicas=replicas, batch_size=opts["batch_size"], dtype="float32", overwrite=True,
-                                plot=False, address=opts["address"], log=lambda *a: None)
+                                plot=False, address=opts["address"], rank_by="cca", log=lambda *a: None)
                 row = {"hidden": hidden, "layers": opts["layers"], "params": params, "stages": stages,
                        "replicas": replicas, "tokens": rep["tokens"], "calibration_s": time.perf_counter() - t0,
                        "stream_s": rep["timings"]["stream"], "tokens_per_s": rep["timings"]["tokens_per_s"],

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from nbl_dist.errors import ConfigError, PlanError
-from nbl_dist.selection import MEASURED_RULES, RANK_RULES
+from nbl_dist.selection import MEASURED_RULES, RANK_RULES, SET_RULES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,7 +60,9 @@ class CalibrationConfig:
                                    help="number of attention layers to linearize")
     max_bound: float | None = option(None, minimum=0, group="how_many",
                                      help="linearize every layer whose CCA bound is at most this")
-    rank_by: str = option("cca", choices=RANK_RULES, help="layer ranking rule")
+    rank_by: str = option("auto", choices=RANK_RULES,
+                          help="layer ranking rule; auto measures the K-sets of cca, nmse and cosine together on "
+                               "--score-samples held-back blocks and keeps the lowest loss")
     stages: int = option(1, minimum=1, help="pipeline stages: actors per replica")
     replicas: int = option(1, minimum=1, help="data-parallel pipeline replicas")
     batch_size: int = option(1, minimum=1, help="blocks per micro-batch")
@@ -106,7 +108,9 @@ class CalibrationConfig:
                                                "batch size, dtype) skips the streaming pass")
     max_restarts: int = option(3, minimum=0, help="actor deaths survived before giving up")
     score_samples: int = option(8, minimum=0, help="held-back blocks, not used for statistics, scored by "
-                                                   "--rank-by loss")
+                                                   "--rank-by auto, greedy and loss")
+    shortlist: int = option(8, minimum=1, help="--rank-by greedy: the layers it chooses among, the best of cca, "
+                                               "nmse and cosine in turn (at least K)")
 
     def __post_init__(self) -> None:
         # Every way of building a config (from_dict, the constructor, dataclasses.replace) converts each value to
@@ -307,8 +311,9 @@ def check_conflicts(cfg: CalibrationConfig) -> None:
     if cfg.linearize is not None and cfg.max_bound is not None:
         bad("--linearize and --max-bound both given; keep one: --linearize K (the K best layers) or "
             "--max-bound B (every layer whose CCA bound is at most B)")
-    if cfg.max_bound is not None and cfg.rank_by != "cca":
-        bad("--max-bound is a threshold on the CCA bound: use it with --rank-by cca, or use --linearize K")
+    if cfg.max_bound is not None and cfg.rank_by not in ("cca", *SET_RULES):
+        bad("--max-bound is a threshold on the CCA bound: use it with --rank-by cca (or auto, greedy: the bound "
+            "then says how many layers), or use --linearize K")
     if cfg.rank_by in MEASURED_RULES and cfg.score_samples < 1:
         bad(f"--rank-by {cfg.rank_by} needs held-back blocks: --score-samples must be at least 1")
     if cfg.backend == "in-process" and (cfg.stages, cfg.replicas) != (1, 1):

@@ -11,10 +11,11 @@ Every place that swaps a decoder layer for its linearized form in memory goes th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,6 +86,22 @@ def apply_linearization(model: nn.Module, fits: Mapping[int, Fit]) -> nn.Module:
         layers[i] = linearize_layer(layers[i], i, adapter, d, fit)
     _record_nbl(model.config, sorted(set(fits) | set(_linearized_of(model.config))))
     return model
+
+
+@contextlib.contextmanager
+def linearized_in_place(model: nn.Module, fits: Mapping[int, Fit]) -> Iterator[nn.Module]:
+    """The model with the layers in `fits` (index -> (W, b)) linearized for the duration of the block, and its
+    own layers back afterwards (a measurement or evaluation of one set of layers without reloading the model)."""
+    adapter = adapter_for(model.config)
+    layers = adapter.layers(model)
+    originals = {i: layers[i] for i in fits}
+    try:
+        for i, fit in fits.items():
+            layers[i] = linearize_layer(originals[i], i, adapter, model.config.hidden_size, fit)
+        yield model
+    finally:
+        for i, original in originals.items():
+            layers[i] = original
 
 
 def _linearized_of(config) -> list[int]:

@@ -18,8 +18,9 @@ from nbl_dist.backend import Placement, StreamResult, WorkerReport
 from nbl_dist.capture import capture_stats
 from nbl_dist.evaluate import loss_sum
 from nbl_dist.linalg import LayerScores
-from nbl_dist.linearized import linearize_layer
+from nbl_dist.linearized import linearized_in_place
 from nbl_dist.progress import RunProgress
+from nbl_dist.selection import increases
 from nbl_dist.shard_stats import ShardStats
 
 
@@ -88,20 +89,21 @@ class InProcessBackend:
         """Fit the LMMSE map of each layer; returns layer -> ridge used."""
         return self.statistics.fit(layers, ridge)
 
-    @torch.no_grad()
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
         """Mean next-token loss increase on held-back blocks with each layer alone linearized (fits needed)."""
-        layers = self.adapter.layers(self.model)
-        d = self.model.config.hidden_size
-        base, tokens = loss_sum(self.model, score_blocks, batch_size)
-        out = {}
-        for i, fit in sorted(self.fits.items()):
-            original = layers[i]
-            layers[i] = linearize_layer(original, i, self.adapter, d, (fit.weight, fit.bias))
-            try:
-                out[i] = (loss_sum(self.model, score_blocks, batch_size)[0] - base) / tokens
-            finally:
-                layers[i] = original
+        layers = sorted(self.fits)
+        losses = self.set_losses([(), *((i,) for i in layers)], score_blocks, batch_size)
+        return dict(zip(layers, increases(losses)))
+
+    @torch.no_grad()
+    def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
+        """Mean next-token loss on held-back blocks with each set linearized together: a whole forward per set
+        (the reference the Ray backend's stage-restarting pass must equal)."""
+        out = []
+        for chosen in sets:
+            with linearized_in_place(self.model, {i: (self.fits[i].weight, self.fits[i].bias) for i in chosen}):
+                total, tokens = loss_sum(self.model, score_blocks, batch_size)
+            out.append(total / tokens)
         return out
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

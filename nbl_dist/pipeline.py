@@ -37,8 +37,12 @@ from nbl_dist.report import (
 from nbl_dist.safetensors_io import torch_dtype
 from nbl_dist.selection import (
     MEASURED_RULES,
+    SET_RULES,
+    choose_set,
+    fits_needed,
     held_back_count,
     select_layers,
+    set_size,
     split_held_back,
 )
 from nbl_dist.stats import resolve_precision
@@ -243,12 +247,20 @@ def log_placement(placement: list[Placement], log) -> None:
 
 
 def rank_and_fit(backend: Backend, score_blocks: torch.Tensor, rank_by: str, linearize: int | None,
-                 max_bound: float | None, ridge: float | None, batch_size: int, timer: PhaseTimer) -> Selection:
-    """Score every layer, choose the layers, fit them. A measured rule fits every layer first and measures each
-    alone on the held-back blocks; a statistic rule fits only the chosen ones."""
+                 max_bound: float | None, ridge: float | None, batch_size: int, timer: PhaseTimer,
+                 shortlist: int = 8) -> Selection:
+    """Score every layer, choose the layers, fit them. The loss rule fits every layer first and measures each
+    alone on the held-back blocks; a set rule (auto, greedy) fits the layers it may choose and measures whole
+    sets (selection.choose_set); a statistic rule fits only the chosen ones."""
     scores = backend.scores(ridge)
     timer.mark("rank")
-    if rank_by in MEASURED_RULES:
+    candidates = []
+    if rank_by in SET_RULES:
+        k = set_size(scores, linearize, max_bound)
+        ridges = backend.fit(fits_needed(scores, rank_by, k, shortlist), ridge) if k else {}
+        measure = lambda sets: backend.set_losses(sets, score_blocks, batch_size)  # noqa: E731
+        selected, candidates = choose_set(scores, rank_by, k, shortlist, measure)
+    elif rank_by in MEASURED_RULES:
         ridges = backend.fit([s.layer for s in scores], ridge)
         losses = backend.loss_scores(score_blocks, batch_size)
         scores = [dataclasses.replace(s, loss_increase=losses[s.layer]) for s in scores]
@@ -257,7 +269,7 @@ def rank_and_fit(backend: Backend, score_blocks: torch.Tensor, rank_by: str, lin
         selected = select_layers(scores, rank_by, linearize, max_bound)
         ridges = backend.fit(selected, ridge)
     timer.mark("fit")
-    return Selection(rank_by, scores, selected, ridges)
+    return Selection(rank_by, scores, selected, ridges, candidates)
 
 
 def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=print,
@@ -300,7 +312,7 @@ def calibrate(cfg: CalibrationConfig, blocks: torch.Tensor | None = None, log=pr
         backend.reduce()
         timer.mark("reduce")
         selection = rank_and_fit(backend, score_blocks, cfg.rank_by, cfg.linearize, cfg.max_bound, cfg.ridge,
-                                 cfg.batch_size, timer)
+                                 cfg.batch_size, timer, cfg.shortlist)
         nbl_meta = {"rank_by": cfg.rank_by, "tokens": int(blocks.numel()), "tool": "nbl-dist", "data": data_record}
         output = write_linearized(cfg.model, tmp, selection.selected, backend.get_fit, nbl_meta=nbl_meta,
                                   progress=lambda total: backend.progress.phase("writing", total, "bytes"))

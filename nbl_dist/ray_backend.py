@@ -28,6 +28,7 @@ from nbl_dist.plan import ShardPlan
 from nbl_dist.progress import RunProgress
 from nbl_dist.ray_cluster import RayCluster
 from nbl_dist.resume import missing_batches
+from nbl_dist.selection import increases
 from nbl_dist.shard import ShardWorker, readonly_tensor
 
 
@@ -372,10 +373,17 @@ class RayBackend:
         return self._phase("fitting", lambda: self.owners.fit(layers, ridge))
 
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
-        """The measured rule: mean next-token loss increase on held-back blocks when each layer alone is
-        linearized with its fitted map (the fits must exist: call fit(all layers) first). See CandidatePass."""
-        candidates = CandidatePass(self._ray, self.grid, self.model_dir, self.max_inflight, self.progress)
-        return self._phase("scoring candidates", lambda: candidates.run(score_blocks, batch_size))
+        """The loss rule: mean next-token loss increase on held-back blocks when each layer alone is linearized
+        with its fitted map (the fits must exist: call fit(all layers) first)."""
+        layers = [i for s in self.plan.stages for i in s.layers]
+        losses = self.set_losses([(), *((i,) for i in layers)], score_blocks, batch_size)
+        return dict(zip(layers, increases(losses)))
+
+    def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
+        """Mean next-token loss on held-back blocks with each set linearized together (fit their union first);
+        () is the original model. See SetPass."""
+        candidates = SetPass(self._ray, self.grid, self.model_dir, self.max_inflight, self.progress)
+        return self._phase("scoring candidates", lambda: candidates.run(sets, score_blocks, batch_size))
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = self._phase("handing over fits", lambda: self._ray.get(self.grid.owner(layer).get_fit.remote(layer)))
@@ -545,47 +553,73 @@ class StreamPass:
                                    f"{share[r][:8]}...: the statistics would be wrong; please report this")
 
 
-class CandidatePass:
-    """The loss rule on the actors. Every replica first runs the held-back blocks once, each stage caching its
-    input; a candidate (one layer linearized) then restarts at its own stage, since upstream activations are the
-    same for every candidate downstream of them. Candidates go round-robin to replicas; a replica r > 0 receives
-    the map from replica 0's actor, which fitted it."""
+class SetPass:
+    """The measured rules on the actors: the held-back loss of layer sets linearized together (the loss rule's
+    sets are its single layers). Every replica that has sets to run first passes the held-back blocks through
+    with the base (the layers common to every set) linearized, each stage caching its input; a set then restarts
+    at the stage of its first layer outside the base, since upstream of that stage the set and the base linearize
+    the same layers. Sets go round-robin to replicas; a replica r > 0 receives the maps it needs from replica 0's
+    actors, which fitted them."""
 
     def __init__(self, ray, grid: ActorGrid, model_dir: str, max_inflight: int, progress: RunProgress):
         self.ray, self.grid, self.model_dir, self.max_inflight = ray, grid, model_dir, max_inflight
         self.progress = progress
         self.parts: dict[int, np.ndarray] = {}
 
-    def _chain(self, r: int, k: int, layer: int | None, first: int):
-        """Block k through replica r from stage `first` on; `layer` linearized (None: the baseline, cached)."""
+    def _chain(self, r: int, k: int, layers: tuple[int, ...], first: int, cache: bool):
+        """Block k through replica r from stage `first` on (a later stage starts from its cached input), with
+        `layers` linearized; `cache`: each stage keeps its input (the base pass)."""
         row, ref = self.grid.rows[r], None
         for s in range(first, len(row)):
-            inp = self.parts[k] if (layer is None and s == 0) else ref
-            ref = row[s].score_batch.remote(k, inp=inp, layer=layer if s == first else None,
-                                            ids=self.parts[k] if s == len(row) - 1 else None, cache=layer is None)
+            ref = row[s].score_batch.remote(k, inp=self.parts[k] if s == 0 else ref, layers=layers,
+                                            ids=self.parts[k] if s == len(row) - 1 else None, cache=cache)
         return ref
 
-    def run(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
-        ray, rows, plan = self.ray, self.grid.rows, self.grid.plan
+    def _prepare(self, base: tuple[int, ...], sets: list[tuple[int, ...]], replica_of: dict[int, int]) -> None:
+        """The last stages read the head; replica 0's actors linearize the sets' layers with their fits, and each
+        replica r > 0 gets from them the maps of the base and of the sets it runs."""
+        ray, rows = self.ray, self.grid.rows
+        union = set().union(*sets)
+        ray.get([row[-1].load_head.remote(self.model_dir) for row in rows])
+        ray.get([a.prepare_candidates.remote([i for i in st.layers if i in union])
+                 for a, st in zip(rows[0], self.grid.plan.stages)])
+        wanted = {(r, i) for r in set(replica_of.values()) - {0} for i in base}
+        wanted |= {(r, i) for n, r in replica_of.items() if r for i in sets[n]}
+        for r, i in sorted(wanted):
+            s = self.grid.stage_of(i)
+            rows[r][s].set_candidate.remote(i, rows[0][s].candidate_map.remote(i))
+
+    def _base_pass(self, base: tuple[int, ...], replicas: list[int]) -> tuple[float, int]:
+        """Every block through each of `replicas` with the base linearized, caching each stage's input. Returns
+        replica 0's (summed loss, predicted tokens)."""
+        done = self.ray.get([self._chain(r, k, base, 0, cache=True) for r in replicas for k in self.parts])
+        ours = done[:len(self.parts)]
+        return sum(x["loss_sum"] for x in ours), sum(x["tokens"] for x in ours)
+
+    def _restarts(self, sets: list[tuple[int, ...]], base: tuple[int, ...], replica_of: dict[int, int]):
+        """Each set of replica_of (index -> replica) from the stage of its first layer outside the base; returns
+        set index -> summed loss."""
+        jobs = [(n, r, self.grid.stage_of(min(set(sets[n]) - set(base))), k)
+                for n, r in replica_of.items() for k in self.parts]  # (set, replica, first stage, block)
+        totals = {n: 0.0 for n in replica_of}
+        limit = self.max_inflight * len(self.grid.plan.stages) * len(self.grid.rows)
+        submit = lambda _, job: self._chain(job[1], job[3], sets[job[0]], job[2], cache=False)  # noqa: E731
+        tick = self.progress.phase("scoring candidates", len(jobs), "blocks")
+        for _, job, ref in Window(self.ray, {"sets": jobs}, submit, limit):
+            totals[job[0]] += self.ray.get(ref)["loss_sum"]
+            tick(1)
+        return totals
+
+    def run(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
+        """Mean next-token loss of each set (sorted layer tuples; () is the original) on score_blocks (N, T)."""
+        sets = [tuple(sorted(x)) for x in sets]
         ids = score_blocks.numpy().astype(np.int64)
         self.parts = {k: ids[k * batch_size:(k + 1) * batch_size] for k in range(-(-ids.shape[0] // batch_size))}
-        ray.get([row[-1].load_head.remote(self.model_dir) for row in rows])
-        ray.get([a.prepare_candidates.remote(s.layers) for a, s in zip(rows[0], plan.stages)])
-        base = ray.get([self._chain(r, k, None, 0) for r in range(len(rows)) for k in self.parts])[:len(self.parts)]
-        base_loss, tokens = sum(x["loss_sum"] for x in base), sum(x["tokens"] for x in base)
-        layers = [i for s in plan.stages for i in s.layers]
-        jobs = []  # (layer, replica, stage, block)
-        for n, layer in enumerate(layers):
-            r, s = n % len(rows), self.grid.stage_of(layer)
-            if r:
-                rows[r][s].set_candidate.remote(layer, rows[0][s].candidate_map.remote(layer))
-            jobs += [(layer, r, s, k) for k in self.parts]
-        results = {i: 0.0 for i in layers}
-        limit = self.max_inflight * len(plan.stages) * len(rows)
-        submit = lambda _, job: self._chain(job[1], job[3], job[0], job[2])  # noqa: E731
-        tick = self.progress.phase("scoring candidates", len(jobs), "blocks")
-        for _, job, ref in Window(ray, {"candidates": jobs}, submit, limit):
-            results[job[0]] += ray.get(ref)["loss_sum"]
-            tick(1)
-        ray.get([a.clear_scoring.remote() for a in self.grid.all()])
-        return {i: (results[i] - base_loss) / tokens for i in layers}
+        base = tuple(sorted(set.intersection(*map(set, sets))))
+        todo = [n for n, x in enumerate(sets) if x != base]
+        replica_of = {n: j % len(self.grid.rows) for j, n in enumerate(todo)}
+        self._prepare(base, sets, replica_of)
+        base_loss, tokens = self._base_pass(base, sorted({0, *replica_of.values()}))
+        totals = self._restarts(sets, base, replica_of)
+        self.ray.get([a.clear_scoring.remote() for a in self.grid.all()])
+        return [totals.get(n, base_loss) / tokens for n in range(len(sets))]

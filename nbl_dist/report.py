@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from nbl_dist.linalg import LayerScores
     from nbl_dist.plan import ShardPlan
     from nbl_dist.progress import PhaseTimer
+    from nbl_dist.selection import Candidate
 
 REPORT_NAME = "nbl_report.json"
 PLOT_NAME = "nbl_bounds.png"
@@ -20,16 +21,22 @@ PLOT_NAME = "nbl_bounds.png"
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The rank phase's outcome: every layer's scores, the layers chosen, and the ridge each fit used."""
+    """The rank phase's outcome: every layer's scores, the layers chosen, the ridge each fit used, and the sets a
+    set rule measured (selection.Candidate)."""
 
     rank_by: str
     scores: list[LayerScores]
     selected: list[int]
     ridges: dict[int, float]
+    candidates: list[Candidate] = dataclasses.field(default_factory=list)
 
     def layer_rows(self) -> list[dict]:
         return [{**s.to_dict(), "selected": s.layer in self.selected, "fit_ridge": self.ridges.get(s.layer)}
                 for s in self.scores]
+
+    def cca_ranking(self) -> list[int]:
+        """Every layer, lowest CCA bound first (the paper's order, reported whatever rule selected)."""
+        return [s.layer for s in sorted(self.scores, key=lambda s: s.cca_bound)]
 
 
 def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selection: Selection,
@@ -47,6 +54,8 @@ def build_report(*, model: str, hf_config, tokens: int, score_tokens: int, selec
         "selected_layers": selection.selected,
         "rank_by": selection.rank_by,
         "layers": selection.layer_rows(),
+        "cca_ranking": selection.cca_ranking(),
+        "candidates": [c.to_dict() for c in selection.candidates],
         "timings": {**timer.phases, "total": timer.total(),
                     "tokens_per_s": tokens / max(timer.phases["stream"], 1e-9), **stream.timings()},
         "recovery": recovery,
@@ -120,4 +129,22 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['layer']:>5} {r['cca_bound']:>10.4f} {r['nmse']:>9.5f} {r['cosine']:>8.4f} "
                      f"{r['attn_ratio']:>8.4f} {loss:>9} {max(r['ridge_x'], r['ridge_y']):>8.0e} "
                      f"{'yes' if r['selected'] else '':>8}")
-    return "\n".join(lines)
+    return "\n".join(lines + candidate_lines(report))
+
+
+def candidate_lines(report: dict) -> list[str]:
+    """The sets a set rule measured, with their held-back loss increase (nats/token), the chosen one marked;
+    greedy's steps are shown by their best set only."""
+    found = report.get("candidates") or []
+    if not found:
+        return []
+    best: dict[str, dict] = {}
+    for c in found:
+        if c["found_by"] not in best or c["loss_increase"] < best[c["found_by"]]["loss_increase"]:
+            best[c["found_by"]] = c
+    lines = [f"CCA ranking (lowest bound first): {report['cca_ranking']}",
+             "sets measured on the held-back blocks (loss increase, nats/token):"]
+    for c in best.values():
+        lines.append(f"  {str(c['layers']):<40} {c['loss_increase']:>9.5f}  {c['found_by']}"
+                     f"{'  <- chosen' if c['chosen'] else ''}")
+    return lines

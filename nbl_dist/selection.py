@@ -1,11 +1,15 @@
-"""Which layers to linearize: the ranking rules (docs/method.md §5-6) and the choice of K layers or a threshold.
+"""Which layers to linearize: the ranking rules (docs/method.md §5-6), the set rules that measure whole sets of
+layers linearized together (§6a), and the choice of K layers or a threshold.
 
 The one home of the rule list: the config, the command line, the report and the benchmarks take it from here.
+The set rules need a `measure` callable (a backend's set_losses over the held-back blocks); nothing here runs a
+model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from nbl_dist.errors import ConfigError
@@ -22,8 +26,28 @@ RULES: dict[str, Callable[["LayerScores"], float]] = {
     "cosine": lambda s: -s.cosine,  # LLM-Drop: the attention whose output changes the stream least goes first
     "loss": lambda s: s.loss_increase,  # measured: the layer whose linearization costs least loss goes first
 }
-RANK_RULES = tuple(RULES)
-MEASURED_RULES = ("loss",)  # rules that need held-back blocks and every layer's fit
+STATISTIC_RULES = ("cca", "nmse", "cosine")  # rules read off the statistics alone
+SET_RULES = ("auto", "greedy")  # rules that measure whole sets linearized together (§6a)
+RANK_RULES = ("auto", *RULES, "greedy")
+MEASURED_RULES = ("loss", *SET_RULES)  # rules that need held-back blocks
+
+LayerSet = tuple[int, ...]  # sorted layer indices, linearized together
+# sets -> mean next-token loss (nats/token) on the held-back blocks with each set linearized; () is the original
+Measure = Callable[[list[LayerSet]], list[float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A set of layers a set rule measured: its loss increase (nats/token) over the original on the held-back
+    blocks, which rules proposed it (auto) or at which step it was tried (greedy), and whether it was chosen."""
+
+    layers: LayerSet
+    loss_increase: float
+    found_by: str
+    chosen: bool = False
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
 
 def select_layers(scores: list[LayerScores], rank_by: str, linearize: int | None,
@@ -39,6 +63,78 @@ def select_layers(scores: list[LayerScores], rank_by: str, linearize: int | None
     return sorted(s.layer for s in chosen)
 
 
+def set_size(scores: list[LayerScores], linearize: int | None, max_bound: float | None) -> int:
+    """K for a set rule: --linearize, or with --max-bound the number of layers whose CCA bound is within it (the
+    bound says how many layers, the measurement which)."""
+    return linearize if linearize is not None else sum(s.cca_bound <= max_bound for s in scores)
+
+
+def rule_sets(scores: list[LayerScores], k: int) -> dict[LayerSet, list[str]]:
+    """auto's candidates: the K-set of each statistic rule, identical sets once -> the rules that chose it."""
+    sets: dict[LayerSet, list[str]] = {}
+    for rule in STATISTIC_RULES:
+        sets.setdefault(tuple(select_layers(scores, rule, k, None)), []).append(rule)
+    return sets
+
+
+def shortlist(scores: list[LayerScores], k: int, size: int) -> list[int]:
+    """greedy's pool: max(size, K) layers, the statistic rules' rankings taken in turn (each rule's best, then
+    each rule's second, ...), each layer once."""
+    ranked = [sorted(scores, key=RULES[rule]) for rule in STATISTIC_RULES]
+    pool: list[int] = []
+    for row in zip(*ranked):
+        for s in row:
+            if s.layer not in pool and len(pool) < max(size, k):
+                pool.append(s.layer)
+    return sorted(pool)
+
+
+def fits_needed(scores: list[LayerScores], rank_by: str, k: int, pool_size: int) -> list[int]:
+    """The layers a set rule may linearize, whose maps must be fitted before it measures."""
+    if rank_by == "auto":
+        return sorted({i for layers in rule_sets(scores, k) for i in layers})
+    return shortlist(scores, k, pool_size)
+
+
+def choose_auto(scores: list[LayerScores], k: int, measure: Measure) -> list[Candidate]:
+    """Every distinct K-set of cca, nmse and cosine, measured linearized together (one call: the original and
+    each set); the lowest loss is chosen (a tie goes to the earlier rule, cca first)."""
+    sets = rule_sets(scores, k)
+    base, *losses = measure([(), *sets])
+    found = [Candidate(layers, loss - base, ", ".join(rules)) for (layers, rules), loss in zip(sets.items(), losses)]
+    best = min(range(len(found)), key=lambda n: found[n].loss_increase)
+    return [dataclasses.replace(c, chosen=n == best) for n, c in enumerate(found)]
+
+
+def choose_greedy(scores: list[LayerScores], k: int, pool_size: int, measure: Measure) -> list[Candidate]:
+    """Build the set one layer at a time: at each step add the shortlisted layer whose addition gives the set the
+    lowest loss, measured with the whole set linearized together (one measure call per step). Returns every set
+    tried, step by step; the final set is the chosen one. A shortlist of exactly K layers leaves nothing to
+    choose: the whole of it is measured once."""
+    pool, current, tried = shortlist(scores, k, pool_size), (), []
+    if len(pool) == k:
+        base, loss = measure([(), tuple(pool)])
+        return [Candidate(tuple(pool), loss - base, "greedy: the whole shortlist", chosen=True)]
+    base = None
+    for step in range(1, k + 1):
+        sets = [tuple(sorted((*current, i))) for i in pool if i not in current]
+        losses = measure([(), *sets] if base is None else sets)
+        if base is None:
+            base, *losses = losses
+        tried += [Candidate(s, loss - base, f"greedy step {step}") for s, loss in zip(sets, losses)]
+        current = sets[min(range(len(sets)), key=losses.__getitem__)]
+    return [dataclasses.replace(c, chosen=c.layers == current) for c in tried]
+
+
+def choose_set(scores: list[LayerScores], rank_by: str, k: int, pool_size: int,
+               measure: Measure) -> tuple[list[int], list[Candidate]]:
+    """(layers chosen, every candidate measured) for a set rule; K = 0 chooses nothing and measures nothing."""
+    if k == 0:
+        return [], []
+    found = choose_auto(scores, k, measure) if rank_by == "auto" else choose_greedy(scores, k, pool_size, measure)
+    return list(next(c.layers for c in found if c.chosen)), found
+
+
 def held_back_count(rank_by: str, score_samples: int) -> int:
     """Blocks kept out of the statistics for a measured rule (none for the statistic rules)."""
     return score_samples if rank_by in MEASURED_RULES else 0
@@ -50,3 +146,8 @@ def split_held_back(blocks: torch.Tensor, held: int) -> tuple[torch.Tensor, torc
         raise ConfigError(f"--score-samples {held} leaves no blocks for the statistics ({blocks.shape[0]} given)")
     n = blocks.shape[0] - held
     return blocks[:n], blocks[n:]
+
+
+def increases(losses: Sequence[float]) -> list[float]:
+    """Loss increases over the first entry (the original), for the rest."""
+    return [x - losses[0] for x in losses[1:]]

@@ -54,8 +54,8 @@ def from_wire(w: Wire, device: torch.device) -> torch.Tensor:
 
 
 class LossCandidates:
-    """For the measured rule: each layer of the shard linearized alone with its fitted map (sharing the layer's
-    MLP block), and each held-back block's input to this stage from the baseline pass."""
+    """For the measured rules: layers of the shard linearized with their fitted maps (each sharing its layer's MLP
+    block), and each held-back block's input to this stage from the base pass."""
 
     def __init__(self, model: ShardModel):
         self.model = model
@@ -70,17 +70,18 @@ class LossCandidates:
         lin = self.maps[layer].nbl_linear
         return lin.weight, lin.bias
 
-    def run(self, key: int, h: torch.Tensor | None, layer: int | None, cache: bool) -> torch.Tensor:
-        """This stage's forward of held-back block `key`, with `layer` (one of the shard's, or None) linearized.
+    def run(self, key: int, h: torch.Tensor | None, layers: tuple[int, ...], cache: bool) -> torch.Tensor:
+        """This stage's forward of held-back block `key`, with those of `layers` this shard holds linearized.
 
         Without h, the input cached under `key` is used (a candidate restarting at this stage). With h, that
-        input is used, and kept under `key` only when `cache` (the baseline pass): a candidate's modified
-        activations flowing downstream must never replace the baseline a later candidate restarts from."""
+        input is used, and kept under `key` only when `cache` (the base pass): a candidate's modified
+        activations flowing downstream must never replace the input a later candidate restarts from."""
         if h is None:
             h = self.inputs[key]
         elif cache:
             self.inputs[key] = h
-        return self.model.forward(h, replace={} if layer is None else {layer: self.maps[layer]})
+        m = self.model
+        return m.forward(h, replace={i: self.maps[i] for i in layers if m.start <= i < m.end})
 
     def clear(self) -> None:
         self.maps.clear()
@@ -213,15 +214,15 @@ class ShardWorker:
         self.meter.timings["checkpoint"] = self.snapshots.seconds
         return path
 
-    # ------------------------------------------------------------------ the measured rule (loss)
+    # ------------------------------------------------------------------ the measured rules (loss, auto, greedy)
     def load_head(self, model_dir: str) -> int:
         return self.model.load_head(model_dir)
 
     @torch.no_grad()
-    def score_batch(self, key: int, inp=None, layer: int | None = None, ids=None, cache: bool = False):
-        """Forward of a held-back block for the loss rule (LossCandidates.run); no statistics are touched. The
-        last stage (given ids) returns the summed loss, the others their output."""
-        h = self.candidates.run(key, None if inp is None else self._input(inp), layer, cache)
+    def score_batch(self, key: int, inp=None, layers: tuple[int, ...] = (), ids=None, cache: bool = False):
+        """Forward of a held-back block for the measured rules (LossCandidates.run); no statistics are touched.
+        The last stage (given ids) returns the summed loss, the others their output."""
+        h = self.candidates.run(key, None if inp is None else self._input(inp), tuple(layers), cache)
         return self.model.loss(h, readonly_tensor(ids)) if ids is not None else to_wire(h)
 
     def prepare_candidates(self, layers: list[int]) -> int:

@@ -76,7 +76,9 @@ class ShardModel:
 
     def load_head(self, model_dir: str) -> int:
         """Read the final norm and the output head (the last stage, when a measured rule needs the loss).
-        Returns the bytes read."""
+        Returns the bytes read (none when they are loaded already)."""
+        if self.lm_head is not None:
+            return 0
         a = self.adapter
         head_key = a.head_key(self.config)
         t, nbytes = load_tensors(model_dir, [a.final_norm_key, head_key], self.device, self.dtype)

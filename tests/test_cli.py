@@ -42,7 +42,7 @@ def data_dir(tmp_path):
 
 def base(model, data, out, *extra):
     return ["calibrate", "--model", model, "--data", data, "--out", str(out), "--samples", "2", "--seq-len",
-            "16", "--backend", "in-process", *extra]
+            "16", "--backend", "in-process", "--rank-by", "cca", *extra]
 
 
 def test_bad_inputs(model_dir, data_dir, tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_two_node_cluster_places_stages_on_both_nodes(make_model_dir, tmp_path):
     with simulated_cluster(workers=1):
         src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
         blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(3))
-        quiet = dict(blocks=blocks, batch_size=2, linearize=2, dtype="float64", log=lambda *a: None)
+        quiet = dict(blocks=blocks, batch_size=2, linearize=2, dtype="float64", rank_by="cca", log=lambda *a: None)
         rep = calibrate(src, tmp_path / "multi", stages=2, placement="SPREAD", **quiet)
         nodes = {p["node"] for p in rep["placement"]}
         assert len(nodes) == 2, rep["placement"]  # one stage on each node
@@ -140,7 +140,7 @@ def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):
     with simulated_cluster(workers=2) as (cluster, workers):
         src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
         blocks = torch.randint(0, 320, (12, 32), generator=torch.Generator().manual_seed(5))
-        quiet = dict(blocks=blocks, batch_size=1, linearize=2, dtype="float64", log=lambda *a: None)
+        quiet = dict(blocks=blocks, batch_size=1, linearize=2, dtype="float64", rank_by="cca", log=lambda *a: None)
         by_id = {w.node_id: w for w in workers}
         removed = []
 
@@ -188,7 +188,7 @@ def test_lost_node_without_room_is_refused_clearly(make_model_dir, tmp_path, mon
 
         t0 = time.perf_counter()
         with pytest.raises(WorkerLostError, match=r"could not start again within 15 s.*no live node has room"):
-            calibrate(src, tmp_path / "run", blocks=blocks, batch_size=1, linearize=2, dtype="float64",
+            calibrate(src, tmp_path / "run", blocks=blocks, batch_size=1, linearize=2, dtype="float64", rank_by="cca",
                       stages=2, placement="SPREAD", on_progress=remove_worker, log=lambda *a: None)
         assert time.perf_counter() - t0 < 120
         assert not (tmp_path / "run").exists()

@@ -105,7 +105,7 @@ def test_gpu_plan_from_a_driver_without_cuda(gpu_cluster, make_model_dir, tmp_pa
     _, workers = gpu_cluster
     src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
     blocks = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(7))
-    quiet = dict(blocks=blocks, batch_size=2, linearize=2, log=lambda *a: None)
+    quiet = dict(blocks=blocks, batch_size=2, linearize=2, rank_by="cca", log=lambda *a: None)
     monkeypatch.setattr(RayBackend, "worker_cls", CudaStandInWorker)
     seen = {}
 
@@ -175,7 +175,7 @@ def test_checkpoint_folder_not_shared_is_refused_before_loading(gpu_cluster, mak
     monkeypatch.setattr(resume, "node_probe", node_local_disk)
     with pytest.raises(CheckpointError) as refused:
         calibrate(src, tmp_path / "unshared", blocks=blocks, batch_size=2, linearize=2, stages=2, device="cuda",
-                  device_memory="4GiB", log=lambda *a: None)
+                  device_memory="4GiB", rank_by="cca", log=lambda *a: None)
     message, ckpt = str(refused.value), tmp_path / ".unshared.ckpt"
     assert f"node {private[:12]} does not see the files the driver writes in {ckpt}" in message
     assert f"the driver does not see the files node {private[:12]} writes in {ckpt}" in message

@@ -19,7 +19,8 @@ def test_harness_task_on_linearized_model(make_model_dir, tmp_path):
 
     src = make_model_dir("llama", torch.float32)
     blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(0))
-    calibrate(src, tmp_path / "lin", blocks=blocks, linearize=2, backend="in-process", log=lambda *a: None)
+    calibrate(src, tmp_path / "lin", blocks=blocks, linearize=2, backend="in-process", rank_by="cca",
+              log=lambda *a: None)
     model = load_linearized(tmp_path / "lin")
     tok = AutoTokenizer.from_pretrained(tmp_path / "lin")
     res = harness_eval(model, tok, ["nbl_tiny_mc"], include_path=str(write_task(tmp_path / "tasks")))

@@ -107,7 +107,7 @@ def run(request, make_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"hf-{request.param}") / "out"
     blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(0))
     nbl_dist.calibrate(src, out, blocks=blocks, linearize=2, backend="in-process", dtype="float32",
-                       log=lambda *a: None)
+                       rank_by="cca", log=lambda *a: None)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     apply_linearization(ref, read_fits(out))
     ids = torch.randint(3, 320, (2, 20), generator=torch.Generator().manual_seed(6))  # (B, T)
@@ -262,7 +262,7 @@ def test_lm_eval_cli_with_remote_code(make_model_dir, tmp_path):
     out = tmp_path / "out"
     blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(0))
     nbl_dist.calibrate(src, out, blocks=blocks, linearize=2, backend="in-process", dtype="float32",
-                       log=lambda *a: None)
+                       rank_by="cca", log=lambda *a: None)
     tasks = write_task(tmp_path / "tasks")
     cli = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
            f"pretrained={out},trust_remote_code=True,dtype=float32", "--tasks", "nbl_tiny_mc",

@@ -108,3 +108,149 @@ def test_all_scores_agree_across_splits(family, make_model_dir, tmp_path):
                                                   if k in LayerScores.__dataclass_fields__}) for row in r["layers"]]
             assert select_layers(as_scores(rep), rule, 2, None) == select_layers(as_scores(ref), rule, 2, None)
     ray.shutdown()
+
+
+# ---- the set rules: auto and greedy (docs/method.md §6a) ----------------------------------------------------
+
+def loss_by_hand(src, fits, blocks):
+    """Mean next-token cross-entropy (float64) of the unmodified source model with `fits` (layer -> LinearFit)
+    applied, from its logits: the reference a set rule's measurement must equal."""
+    from transformers import AutoModelForCausalLM
+
+    from nbl_dist.linearized import apply_linearization
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64).eval()
+    apply_linearization(model, {i: (f.weight, f.bias) for i, f in fits.items()})
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]  # (N, T-1, V)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+
+
+def fits_on(src, blocks):
+    """Every layer's fit from the statistics of `blocks` alone (in-process)."""
+    backend = InProcessBackend(src, torch.float64)
+    backend.stream(blocks, batch_size=2)
+    backend.fit(list(range(len(backend.adapter.layers(backend.model)))))
+    return dict(backend.fits)
+
+
+def as_scores(report):
+    from nbl_dist.linalg import LayerScores
+
+    return [LayerScores(**{k: v for k, v in row.items() if k in LayerScores.__dataclass_fields__})
+            for row in report["layers"]]
+
+
+AUTO_BLOCKS = torch.randint(3, 320, (12, 32), generator=torch.Generator().manual_seed(21))
+
+
+def test_auto_chooses_the_candidate_with_the_lowest_loss_measured_by_hand(make_model_dir, tmp_path):
+    """Candidates: the K-sets of cca, nmse, cosine (once each); each one's loss increase equals the loss of the
+    unmodified model with that set linearized (fits from the statistics blocks only) minus the original's, on
+    the held-back blocks; the lowest is chosen and written. Statistics that saw the held-back blocks differ."""
+    from nbl_dist import load_linearized
+
+    src = make_model_dir("llama", torch.float64, num_hidden_layers=5)
+    stats_blocks, held = AUTO_BLOCKS[:8], AUTO_BLOCKS[8:]
+    rep = calibrate(src, tmp_path / "o", blocks=AUTO_BLOCKS, linearize=2, score_samples=4, backend="in-process",
+                    dtype="float64", batch_size=3, log=lambda *a: None)
+    assert rep["rank_by"] == "auto" and rep["tokens"] == 8 * 32 and rep["score_tokens"] == 4 * 32
+    scores = as_scores(rep)
+    proposed = {tuple(select_layers(scores, rule, 2, None)) for rule in ("cca", "nmse", "cosine")}
+    assert {tuple(c["layers"]) for c in rep["candidates"]} == proposed and len(proposed) >= 2
+    fits = fits_on(src, stats_blocks)
+    original = loss_by_hand(src, {}, held)
+    by_hand = {tuple(c["layers"]): loss_by_hand(src, {i: fits[i] for i in c["layers"]}, held) - original
+               for c in rep["candidates"]}
+    for c in rep["candidates"]:
+        assert c["loss_increase"] == pytest.approx(by_hand[tuple(c["layers"])], rel=1e-9, abs=1e-12)
+    best = min(by_hand, key=by_hand.get)
+    assert [tuple(c["layers"]) for c in rep["candidates"] if c["chosen"]] == [best]
+    assert tuple(rep["selected_layers"]) == best
+    assert rep["cca_ranking"] == sorted(range(5), key=lambda i: scores[i].cca_bound)
+    written = load_linearized(tmp_path / "o").to(torch.float64)
+    with torch.no_grad():
+        logits = written(input_ids=held).logits[:, :-1]
+    got = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[:, 1:].reshape(-1)).item()
+    assert got - original == pytest.approx(by_hand[best], rel=1e-9, abs=1e-12)
+    leaked = fits_on(src, AUTO_BLOCKS)  # statistics that saw the held-back blocks too
+    assert loss_by_hand(src, {i: leaked[i] for i in best}, held) - original != pytest.approx(by_hand[best],
+                                                                                            rel=1e-6)
+
+
+def test_greedy_equals_brute_force_greedy_by_hand(make_model_dir, tmp_path):
+    """At each step every shortlisted layer not yet chosen is tried with the current set, each try measured by
+    hand on the unmodified model; the layer whose try is lowest is added. The shortlist is the statistic
+    rules' rankings taken in turn."""
+    src = make_model_dir("llama", torch.float64, num_hidden_layers=5)
+    rep = calibrate(src, tmp_path / "o", blocks=AUTO_BLOCKS, linearize=3, rank_by="greedy", shortlist=4,
+                    score_samples=4, backend="in-process", dtype="float64", batch_size=3, log=lambda *a: None)
+    scores = as_scores(rep)
+    rankings = [sorted(range(5), key=lambda i: key(scores[i])) for key in (
+        lambda s: s.cca_bound, lambda s: s.nmse, lambda s: -s.cosine)]
+    pool = list(dict.fromkeys(i for row in zip(*rankings) for i in row))[:4]
+    fits, held = fits_on(src, AUTO_BLOCKS[:8]), AUTO_BLOCKS[8:]
+    original = loss_by_hand(src, {}, held)
+    current, tried = [], {}
+    for step in range(1, 4):
+        trial = {tuple(sorted(current + [i])): None for i in pool if i not in current}
+        for s in trial:
+            trial[s] = loss_by_hand(src, {i: fits[i] for i in s}, held) - original
+            tried[(step, s)] = trial[s]
+        current = list(min(trial, key=trial.get))
+    got = {(int(c["found_by"].split()[-1]), tuple(c["layers"])): c["loss_increase"] for c in rep["candidates"]}
+    assert set(got) == set(tried)
+    for key, want in tried.items():
+        assert got[key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
+    assert rep["selected_layers"] == sorted(current)
+    assert [c["layers"] for c in rep["candidates"] if c["chosen"]] == [sorted(current)]
+
+
+def test_max_bound_sets_how_many_layers_a_set_rule_chooses(make_model_dir, tmp_path):
+    """With --max-bound B instead of K, auto chooses as many layers as have a CCA bound at most B (which ones,
+    it measures); a B below every bound chooses none and measures nothing."""
+    src = make_model_dir("llama", torch.float64, num_hidden_layers=5)
+    kw = dict(blocks=AUTO_BLOCKS, score_samples=4, backend="in-process", dtype="float64", batch_size=3,
+              overwrite=True, log=lambda *a: None)
+    first = calibrate(src, tmp_path / "a", linearize=1, **kw)
+    bounds = sorted(r["cca_bound"] for r in first["layers"])
+    rep = calibrate(src, tmp_path / "b", max_bound=(bounds[2] + bounds[3]) / 2, **kw)
+    assert len(rep["selected_layers"]) == 3 and all(len(c["layers"]) == 3 for c in rep["candidates"])
+    none = calibrate(src, tmp_path / "c", max_bound=bounds[0] / 2, **kw)
+    assert none["selected_layers"] == [] and none["candidates"] == []
+
+
+@pytest.mark.slow
+def test_set_losses_agree_across_splits(make_model_dir, local_ray):
+    """The held-back loss of layer sets on the actors, for (stages, replicas) = (1, 1), (2, 1), (2, 2), equals the
+    in-process backend's whole forwards: auto's candidates (each restarting at its first stage from the
+    original's cached inputs) and sets sharing a base that spans both stages (greedy's later steps: a cached pass
+    with the base linearized, then each set from the stage of its first layer outside it)."""
+    from transformers import AutoConfig
+
+    from nbl_dist.plan import make_plan
+    from nbl_dist.ray_backend import RayBackend
+    from nbl_dist.selection import rule_sets
+
+    src = make_model_dir("qwen2", torch.float64, num_hidden_layers=4)
+    stats_blocks, held = AUTO_BLOCKS[:8], AUTO_BLOCKS[8:]
+    ref = InProcessBackend(src, torch.float64)
+    ref.stream(stats_blocks, batch_size=2)
+    auto_sets = list(rule_sets(ref.scores(), 2))
+    assert len(auto_sets) >= 2
+    sets = [(), *auto_sets, (0,), (0, 1), (0, 2), (0, 3), (1, 3), (0, 1, 3), (1, 2, 3)]
+    ref.fit([0, 1, 2, 3])
+    want = ref.set_losses(sets, held, batch_size=3)
+    for stages, replicas in [(1, 1), (2, 1), (2, 2)]:
+        plan = make_plan(AutoConfig.from_pretrained(src), stages, replicas, dtype=torch.float64, batch_size=2,
+                         seq_len=32)
+        backend = RayBackend(str(src), plan, torch.float64)
+        try:
+            backend.stream(stats_blocks, batch_size=2)
+            backend.reduce()
+            backend.fit([0, 1, 2, 3])
+            got = backend.set_losses(sets, held, batch_size=3)
+        finally:
+            backend.close()
+        for s, g, w in zip(sets, got, want):
+            assert g == pytest.approx(w, rel=1e-9), (stages, replicas, s)

@@ -12,6 +12,7 @@ from nbl_dist.stats import AUTO_PRECISION, resolve_precision
 
 
 def run(src, out, blocks, **kw):
+    kw.setdefault("rank_by", "cca")  # the statistics alone choose the layers: no held-back blocks to measure sets on
     rep = calibrate(src, out, blocks=blocks, batch_size=2, linearize=2, plot=False, log=lambda *a: None, **kw)
     return rep, load_file(str(out / "model-nbl.safetensors"))
 
