@@ -104,7 +104,8 @@ def test_ray_job_submit(make_model_dir, tmp_path):
         submit = [str(VENV_BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
                   "--", "python", "jobs/calibrate.py", "--model", str(src), "--data", str(data),
                   "--out", str(out), "--samples", "4", "--seq-len", "32", "--linearize", "1",
-                  "--stages", "2", "--batch-size", "2"]  # no --address: as the README prints it
+                  "--stages", "2", "--batch-size", "2", "--rank-by", "cca"]  # no --address: as the README prints it;
+        # cca: four tiny blocks, none to spare for the default rule's held-back measurement
         deadline = time.time() + 120
         while True:  # the dashboard's job API comes up a few seconds after the head
             proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)

@@ -152,7 +152,7 @@ def test_non_finite_activations_name_layer_and_batch(local_ray, tmp_path, tokeni
     blocks = torch.randint(0, 320, (4, 16))
     with pytest.raises(NonFiniteActivationError, match=r"layer 2 \(micro-batch 0\).*--dtype"):
         calibrate(tmp_path / "nan-model", tmp_path / "o", blocks=blocks, stages=2, batch_size=2, linearize=1,
-                  log=lambda *a: None)
+                  rank_by="cca", log=lambda *a: None)
     assert not (tmp_path / "o").exists()
 
 
