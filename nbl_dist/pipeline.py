@@ -41,6 +41,7 @@ from nbl_dist.selection import (
     choose_set,
     fits_needed,
     held_back_count,
+    measured_work,
     select_layers,
     set_size,
     split_held_back,
@@ -175,11 +176,13 @@ def time_estimate(cfg: CalibrationConfig, hf_config, plan: ShardPlan, precision:
                   tokens: int, score_tokens: int, seq_len: int, log) -> TimeEstimate | None:
     """The plan's estimate of the compute phases' wall time, from --device-tflops or from rates measured here
     (--measure); None when neither is asked for."""
-    measured_rule = cfg.rank_by in MEASURED_RULES
+    fitted, passes = cfg.linearize, None
+    if cfg.rank_by in MEASURED_RULES:  # the rule's own count of fits and held-back forwards, not the loss rule's
+        fitted, passes = measured_work(cfg.rank_by, cfg.linearize, cfg.shortlist, hf_config.num_hidden_layers)
     estimate = plan_time_estimate(
         hf_config, plan, tokens, seq_len, cfg.batch_size, precision, device_tflops=cfg.device_tflops,
-        measure=cfg.measure, actors_here=plan.num_actors,
-        fitted_layers=None if measured_rule else cfg.linearize, score_tokens=score_tokens if measured_rule else 0)
+        measure=cfg.measure, actors_here=plan.num_actors, fitted_layers=fitted,
+        score_tokens=score_tokens if passes else 0, score_passes=passes)
     if estimate is not None:
         log(estimate.describe())
     return estimate

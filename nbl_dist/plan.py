@@ -200,7 +200,7 @@ def make_plan(config, stages: int, replicas: int = 1, dtype: torch.dtype = torch
 
 def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size: int, precision: str, *,
                   device_tflops: float | None = None, measure: bool = False, actors_here: int = 1,
-                  fitted_layers: int | None = None, score_tokens: int = 0):
+                  fitted_layers: int | None = None, score_tokens: int = 0, score_passes: int | None = None):
     """The plan's estimated wall time of each compute phase (throughput.TimeEstimate), or None when no rate is
     known: the rates come from device_tflops, or are measured on this machine's CPU (measure) with one
     micro-batch through one layer, with the actors_here actors sharing those CPUs measured side by side.
@@ -209,7 +209,8 @@ def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size
         config: the model's config; plan: its ShardPlan.
         tokens, seq_len, batch_size: the calibration tokens and the micro-batch shape.
         precision: the statistics precision (resolved, not "auto").
-        fitted_layers: layers fitted (default: all); score_tokens: the measured rule's held-back tokens.
+        fitted_layers: layers fitted (default: all); score_tokens: the measured rule's held-back tokens, forwarded
+            score_passes times (default: the loss rule's, every layer alone and the original).
     """
     from nbl_dist import throughput
 
@@ -225,7 +226,7 @@ def time_estimate(config, plan: ShardPlan, tokens: int, seq_len: int, batch_size
         return None
     fitted = plan.num_layers if fitted_layers is None else fitted_layers
     return throughput.estimate_time(config, plan, tokens, seq_len, batch_size, precision, rates, fitted,
-                                    score_tokens)
+                                    score_tokens, score_passes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,6 +96,19 @@ def fits_needed(scores: list[LayerScores], rank_by: str, k: int, pool_size: int)
     return shortlist(scores, k, pool_size)
 
 
+def measured_work(rank_by: str, k: int | None, pool_size: int, n_layers: int) -> tuple[int, int]:
+    """(layers fitted, held-back forwards) a measured rule costs at most, for the plan's time estimate; k None
+    (--max-bound) counts every layer. loss: every layer fitted, the original and each layer alone; auto: the
+    statistic rules' K-sets and the original; greedy: its shortlist, and at each step every layer it could add."""
+    k = n_layers if k is None else k
+    if rank_by == "auto":
+        return min(len(STATISTIC_RULES) * k, n_layers), len(STATISTIC_RULES) + 1
+    if rank_by == "greedy":
+        pool = min(max(pool_size, k), n_layers)
+        return pool, 1 + (1 if pool == k else sum(pool - step for step in range(k)))
+    return n_layers, n_layers + 1
+
+
 def choose_auto(scores: list[LayerScores], k: int, measure: Measure) -> list[Candidate]:
     """Every distinct K-set of cca, nmse and cosine, measured linearized together (one call: the original and
     each set); the lowest loss is chosen (a tie goes to the earlier rule, cca first)."""

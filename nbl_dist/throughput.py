@@ -211,7 +211,7 @@ class TimeEstimate:
 
 
 def estimate_time(config, plan, tokens: int, seq_len: int, batch_size: int, precision: str, rates: DeviceRates,
-                  fitted_layers: int, score_tokens: int = 0) -> TimeEstimate:
+                  fitted_layers: int, score_tokens: int = 0, score_passes: int | None = None) -> TimeEstimate:
     """Seconds of the stream, rank and fit phases (and the measured rule's scoring passes when score_tokens).
 
     stream: each replica streams tokens / replicas through its stages, which work in parallel, so the slowest
@@ -223,7 +223,8 @@ def estimate_time(config, plan, tokens: int, seq_len: int, batch_size: int, prec
         tokens: calibration tokens; seq_len, batch_size: the micro-batch shape.
         precision: the statistics precision; rates: one actor's DeviceRates.
         fitted_layers: layers fitted (K, or every layer for the measured rule).
-        score_tokens: held-back tokens the measured rule forwards once per layer and once unmodified.
+        score_tokens: held-back tokens the measured rule forwards score_passes times (default: once per layer and
+            once unmodified, the loss rule's count; selection.measured_work gives each rule's).
     """
     d = config.hidden_size
     fwd = layer_forward_flops(config, seq_len)
@@ -235,6 +236,7 @@ def estimate_time(config, plan, tokens: int, seq_len: int, batch_size: int, prec
     phases = {"stream": stream, "rank": widest * RANK_D3 * d ** 3 / rates.fp64,
               "fit": fitted_layers * FIT_D3 * d ** 3 / rates.fp64}
     if score_tokens:
-        phases["loss_scoring"] = (plan.num_layers + 1) * score_tokens * plan.num_layers * fwd / rates.forward
+        passes = plan.num_layers + 1 if score_passes is None else score_passes
+        phases["loss_scoring"] = passes * score_tokens * plan.num_layers * fwd / rates.forward
     n = plan.num_layers
     return TimeEstimate(phases, n * fwd, n * st, precision, rates)

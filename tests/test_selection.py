@@ -254,3 +254,26 @@ def test_set_losses_agree_across_splits(make_model_dir, local_ray):
             backend.close()
         for s, g, w in zip(sets, got, want):
             assert g == pytest.approx(w, rel=1e-9), (stages, replicas, s)
+
+
+@pytest.mark.parametrize("rule, k, pool", [("auto", 3, 8), ("greedy", 3, 6), ("greedy", 4, 4), ("loss", 2, 8)])
+def test_measured_work_counts_what_the_rule_runs(rule, k, pool):
+    """The time estimate's count of fits and held-back forwards equals what the rule's own chooser fits and asks
+    to measure (counted through its measure callable). The three statistic rules rank disjoint layers first here,
+    so auto's three K-sets are distinct and its count (an upper bound in general) is exact."""
+    from nbl_dist.linalg import LayerScores
+    from nbl_dist.selection import choose_set, fits_needed, measured_work
+
+    n = 12
+    rank = {"cca": np.arange(n), "nmse": np.roll(np.arange(n), -k), "cosine": np.roll(np.arange(n), -2 * k)}
+    scores = [LayerScores(layer=i, cca_bound=float(rank["cca"][i]), nmse=float(rank["nmse"][i]),
+                          cosine=-float(rank["cosine"][i]), attn_ratio=0.0, ridge_x=0.0, ridge_y=0.0, tokens=1)
+              for i in range(n)]
+    fitted, passes = measured_work(rule, k, pool, n)
+    if rule == "loss":  # every layer fitted; the original and each layer alone
+        assert (fitted, passes) == (n, n + 1)
+        return
+    counted = []
+    choose_set(scores, rule, k, pool, lambda sets: counted.extend(sets) or [float(len(x)) for x in sets])
+    assert passes == len(counted)
+    assert fitted == len(fits_needed(scores, rule, k, pool))
