@@ -15,6 +15,7 @@ import torch
 
 from nbl_dist.linalg import LayerScores
 from nbl_dist.progress import RunProgress
+from nbl_dist.selection import SetMeasure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ Fit = tuple[torch.Tensor, torch.Tensor]  # (W (d, d), b (d,)), float64, on the h
 
 
 class Backend(Protocol):
-    """stream -> reduce -> scores -> fit [-> loss_scores | set_losses ...] -> get_fit ... -> worker_reports -> close."""
+    """stream -> reduce -> scores -> fit [-> loss_scores | measure_sets ...] -> get_fit ... -> worker_reports -> close."""
 
     name: str
     placement: list[Placement]
@@ -106,9 +107,11 @@ class Backend(Protocol):
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
         """Mean next-token loss increase on held-back blocks with each fitted layer alone linearized."""
 
-    def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
-        """Mean next-token loss (nats/token) on held-back blocks with each set's layers linearized together with
-        their fitted maps (fit their union first); the empty set () is the original model."""
+    def measure_sets(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor,
+                     batch_size: int) -> list[SetMeasure]:
+        """Each set's layers linearized together with their fitted maps (fit their union first), measured on
+        held-back blocks: mean next-token loss, and KL divergence from the original when the empty set () (the
+        original model) is among the sets."""
 
     def get_fit(self, layer: int) -> Fit:
         """Hand over one fitted layer's (W, b) (once: the backend lets go of it)."""

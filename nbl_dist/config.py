@@ -62,7 +62,8 @@ class CalibrationConfig:
                                      help="linearize every layer whose CCA bound is at most this")
     rank_by: str = option("auto", choices=RANK_RULES,
                           help="layer ranking rule; auto measures the K-sets of cca, nmse and cosine together on "
-                               "--score-samples held-back blocks and keeps the lowest loss")
+                               "--score-samples held-back blocks and keeps the one closest to the original (lowest KL "
+                               "divergence)")
     stages: int = option(1, minimum=1, help="pipeline stages: actors per replica")
     replicas: int = option(1, minimum=1, help="data-parallel pipeline replicas")
     batch_size: int = option(1, minimum=1, help="blocks per micro-batch")

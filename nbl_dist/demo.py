@@ -5,9 +5,9 @@ default rule (`auto`: the K-sets of cca, nmse and cosine, each measured lineariz
 linearizes K attention layers, and prints two tables. The first: perplexity on the other plays of the original,
 of NBL under the default rule, and of dropping the attention of the K layers LLM-Drop's cosine rule picks;
 prefill and decode speed-up; parameters removed; calibration time. The second: every set `auto` measured, with its
-held-back loss and its held-out perplexity, the fits of the sets it did not choose made from the run's kept
-statistics (no second calibration). Writes runs/demo/ (linearized model, nbl_report.json, plot,
-demo_summary.json) and prints its own wall time.
+KL divergence from the original and loss increase on the held-back blocks and its held-out perplexity, the fits
+of the sets it did not choose made from the run's kept statistics (no second calibration). Writes runs/demo/
+(linearized model, nbl_report.json, plot, demo_summary.json) and prints its own wall time.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def rule_sets(report: dict) -> dict[str, list[int]]:
 def heldout_perplexities(model_dir: Path, out: Path, report: dict, statistics: Path, heldout: torch.Tensor,
                          original) -> tuple[dict, list[dict]]:
     """(perplexities of the original, the output under the default rule and attention-drop on the cosine rule's
-    layers; every candidate set with its held-back loss and held-out perplexity)."""
+    layers; every candidate set with its held-back measures and held-out perplexity)."""
     from nbl_dist import load_linearized
     from nbl_dist.evaluate import perplexity
     from nbl_dist.linearized import linearized_in_place
@@ -160,13 +160,16 @@ def print_tables(s: dict) -> None:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print("=" * (width + 40))
-    print(f"\nthe sets --rank-by auto measured, K = {s['k']} (held-back loss increase on calibration-like text, "
-          f"held-out perplexity; original {s['perplexity']['original']:.2f}):")
+    print(f"\nthe sets --rank-by auto measured, K = {s['k']}: on the held-back blocks, KL divergence from the "
+          "original (auto keeps the lowest) and loss increase, nats/token; held-out perplexity (original "
+          f"{s['perplexity']['original']:.2f})")
+    print(f"  {'':<43} {'layers':<20} {'KL':>7} {'loss+':>8} {'perplexity':>10}")
     for c in s["candidates"]:
-        print(f"  NBL, --rank-by {c['found_by']:<14} layers {str(c['layers']):<20} {c['loss_increase']:+8.4f} "
-              f"nats/token {c['perplexity']:8.2f}{'  <- chosen' if c['chosen'] else ''}")
-    print(f"  attention dropped (cosine rule) {str(s['attn_drop_layers']):<20} {'':>20} "
-          f"{s['perplexity']['attn_drop']:8.2f}")
+        label = f"NBL, --rank-by {c['found_by']}"
+        print(f"  {label:<43} {str(c['layers']):<20} {c['kl']:7.4f} {c['loss_increase']:+8.4f} "
+              f"{c['perplexity']:10.2f}{'  <- chosen' if c['chosen'] else ''}")
+    print(f"  {'attention dropped (cosine rule)':<43} {str(s['attn_drop_layers']):<20} {'':>16} "
+          f"{s['perplexity']['attn_drop']:10.2f}")
     print(f"  (CCA ranking, lowest bound first: {s['cca_ranking'][:8]} ...)")
     phases = ", ".join(f"{name} {sec:.0f} s" for name, sec in s["phases_s"].items())
     print(f"\ndemo wall time {s['demo_s']:.0f} s ({phases})")

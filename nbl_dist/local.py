@@ -16,11 +16,11 @@ import torch
 from nbl_dist.arch import adapter_for
 from nbl_dist.backend import Placement, StreamResult, WorkerReport
 from nbl_dist.capture import capture_stats
-from nbl_dist.evaluate import loss_sum
+from nbl_dist.evaluate import next_token_sums
 from nbl_dist.linalg import LayerScores
 from nbl_dist.linearized import linearized_in_place
 from nbl_dist.progress import RunProgress
-from nbl_dist.selection import increases
+from nbl_dist.selection import SetMeasure, increases
 from nbl_dist.shard_stats import ShardStats
 
 
@@ -92,19 +92,31 @@ class InProcessBackend:
     def loss_scores(self, score_blocks: torch.Tensor, batch_size: int) -> dict[int, float]:
         """Mean next-token loss increase on held-back blocks with each layer alone linearized (fits needed)."""
         layers = sorted(self.fits)
-        losses = self.set_losses([(), *((i,) for i in layers)], score_blocks, batch_size)
-        return dict(zip(layers, increases(losses)))
+        measured = self.measure_sets([(), *((i,) for i in layers)], score_blocks, batch_size)
+        return dict(zip(layers, increases(measured)))
 
     @torch.no_grad()
-    def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
-        """Mean next-token loss on held-back blocks with each set linearized together: a whole forward per set
-        (the reference the Ray backend's stage-restarting pass must equal)."""
-        out = []
-        for chosen in sets:
-            with linearized_in_place(self.model, {i: (self.fits[i].weight, self.fits[i].bias) for i in chosen}):
-                total, tokens = loss_sum(self.model, score_blocks, batch_size)
-            out.append(total / tokens)
-        return out
+    def measure_sets(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor,
+                     batch_size: int) -> list[SetMeasure]:
+        """Each set linearized together, measured on held-back blocks by a whole forward (the reference the Ray
+        backend's stage-restarting pass must equal). The original () runs first when asked for: its final
+        hidden states are the reference of every set's KL divergence."""
+        decoder, head = self.adapter.decoder(self.model), self.model.get_output_embeddings()
+        reference: dict[int, torch.Tensor] = {}  # batch start -> the original's final hidden states (B, T, d)
+        out: dict[int, SetMeasure] = {}
+        for n in sorted(range(len(sets)), key=lambda n: sets[n] != ()):
+            sums = {"loss_sum": 0.0, "kl_sum": 0.0, "tokens": 0}
+            with linearized_in_place(self.model, {i: (self.fits[i].weight, self.fits[i].bias) for i in sets[n]}):
+                for start in range(0, score_blocks.shape[0], batch_size):
+                    ids = score_blocks[start:start + batch_size].to(self.device)  # (B, T)
+                    h = decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d), final norm applied
+                    if sets[n] == ():
+                        reference[start] = h
+                    part = next_token_sums(head, h, ids, reference.get(start) if sets[n] else None)
+                    sums = {k: sums[k] + (part[k] or 0) for k in sums}
+            kl = None if not reference else sums["kl_sum"] / sums["tokens"]  # the original's: exactly 0
+            out[n] = SetMeasure(loss=sums["loss_sum"] / sums["tokens"], kl=kl)
+        return [out[n] for n in range(len(sets))]
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.statistics.pop_fit(layer)

@@ -261,7 +261,7 @@ def rank_and_fit(backend: Backend, score_blocks: torch.Tensor, rank_by: str, lin
     if rank_by in SET_RULES:
         k = set_size(scores, linearize, max_bound)
         ridges = backend.fit(fits_needed(scores, rank_by, k, shortlist), ridge) if k else {}
-        measure = lambda sets: backend.set_losses(sets, score_blocks, batch_size)  # noqa: E731
+        measure = lambda sets: backend.measure_sets(sets, score_blocks, batch_size)  # noqa: E731
         selected, candidates = choose_set(scores, rank_by, k, shortlist, measure)
     elif rank_by in MEASURED_RULES:
         ridges = backend.fit([s.layer for s in scores], ridge)

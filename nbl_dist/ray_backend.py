@@ -28,7 +28,7 @@ from nbl_dist.plan import ShardPlan
 from nbl_dist.progress import RunProgress
 from nbl_dist.ray_cluster import RayCluster
 from nbl_dist.resume import missing_batches
-from nbl_dist.selection import increases
+from nbl_dist.selection import SetMeasure, increases
 from nbl_dist.shard import ShardWorker, readonly_tensor
 
 
@@ -376,12 +376,13 @@ class RayBackend:
         """The loss rule: mean next-token loss increase on held-back blocks when each layer alone is linearized
         with its fitted map (the fits must exist: call fit(all layers) first)."""
         layers = [i for s in self.plan.stages for i in s.layers]
-        losses = self.set_losses([(), *((i,) for i in layers)], score_blocks, batch_size)
-        return dict(zip(layers, increases(losses)))
+        measured = self.measure_sets([(), *((i,) for i in layers)], score_blocks, batch_size)
+        return dict(zip(layers, increases(measured)))
 
-    def set_losses(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
-        """Mean next-token loss on held-back blocks with each set linearized together (fit their union first);
-        () is the original model. See SetPass."""
+    def measure_sets(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor,
+                     batch_size: int) -> list[SetMeasure]:
+        """Each set linearized together (fit their union first), measured on held-back blocks: loss, and KL
+        divergence from the original when () is among the sets. See SetPass."""
         candidates = SetPass(self._ray, self.grid, self.model_dir, self.max_inflight, self.progress)
         return self._phase("scoring candidates", lambda: candidates.run(sets, score_blocks, batch_size))
 
@@ -554,12 +555,13 @@ class StreamPass:
 
 
 class SetPass:
-    """The measured rules on the actors: the held-back loss of layer sets linearized together (the loss rule's
-    sets are its single layers). Every replica that has sets to run first passes the held-back blocks through
-    with the base (the layers common to every set) linearized, each stage caching its input; a set then restarts
-    at the stage of its first layer outside the base, since upstream of that stage the set and the base linearize
-    the same layers. Sets go round-robin to replicas; a replica r > 0 receives the maps it needs from replica 0's
-    actors, which fitted them."""
+    """The measured rules on the actors: the held-back loss and KL divergence of layer sets linearized together
+    (the loss rule's sets are its single layers). Every replica that has sets to run first passes the held-back
+    blocks through with the base (the layers common to every set) linearized, each stage caching its input; a set
+    then restarts at the stage of its first layer outside the base, since upstream of that stage the set and the
+    base linearize the same layers. When the base is the original, the last stage also keeps its output: the
+    reference of each set's KL. Sets go round-robin to replicas; a replica r > 0 receives the maps it needs from
+    replica 0's actors, which fitted them."""
 
     def __init__(self, ray, grid: ActorGrid, model_dir: str, max_inflight: int, progress: RunProgress):
         self.ray, self.grid, self.model_dir, self.max_inflight = ray, grid, model_dir, max_inflight
@@ -589,29 +591,29 @@ class SetPass:
             s = self.grid.stage_of(i)
             rows[r][s].set_candidate.remote(i, rows[0][s].candidate_map.remote(i))
 
-    def _base_pass(self, base: tuple[int, ...], replicas: list[int]) -> tuple[float, int]:
-        """Every block through each of `replicas` with the base linearized, caching each stage's input. Returns
-        replica 0's (summed loss, predicted tokens)."""
+    def _base_pass(self, base: tuple[int, ...], replicas: list[int]) -> dict:
+        """Every block through each of `replicas` with the base linearized, caching each stage's input (and, when
+        the base is the original, the last stage's output: the KL reference). Returns replica 0's sums."""
         done = self.ray.get([self._chain(r, k, base, 0, cache=True) for r in replicas for k in self.parts])
-        ours = done[:len(self.parts)]
-        return sum(x["loss_sum"] for x in ours), sum(x["tokens"] for x in ours)
+        return summed(done[:len(self.parts)])
 
     def _restarts(self, sets: list[tuple[int, ...]], base: tuple[int, ...], replica_of: dict[int, int]):
         """Each set of replica_of (index -> replica) from the stage of its first layer outside the base; returns
-        set index -> summed loss."""
+        set index -> its sums over the blocks."""
         jobs = [(n, r, self.grid.stage_of(min(set(sets[n]) - set(base))), k)
                 for n, r in replica_of.items() for k in self.parts]  # (set, replica, first stage, block)
-        totals = {n: 0.0 for n in replica_of}
+        parts: dict[int, list[dict]] = {n: [] for n in replica_of}
         limit = self.max_inflight * len(self.grid.plan.stages) * len(self.grid.rows)
         submit = lambda _, job: self._chain(job[1], job[3], sets[job[0]], job[2], cache=False)  # noqa: E731
         tick = self.progress.phase("scoring candidates", len(jobs), "blocks")
         for _, job, ref in Window(self.ray, {"sets": jobs}, submit, limit):
-            totals[job[0]] += self.ray.get(ref)["loss_sum"]
+            parts[job[0]].append(self.ray.get(ref))
             tick(1)
-        return totals
+        return {n: summed(p) for n, p in parts.items()}
 
-    def run(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[float]:
-        """Mean next-token loss of each set (sorted layer tuples; () is the original) on score_blocks (N, T)."""
+    def run(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[SetMeasure]:
+        """Each set (sorted layer tuples; () is the original) measured on score_blocks (N, T): mean loss, and KL
+        divergence from the original when () is among the sets (its pass is then the base pass)."""
         sets = [tuple(sorted(x)) for x in sets]
         ids = score_blocks.numpy().astype(np.int64)
         self.parts = {k: ids[k * batch_size:(k + 1) * batch_size] for k in range(-(-ids.shape[0] // batch_size))}
@@ -619,7 +621,21 @@ class SetPass:
         todo = [n for n, x in enumerate(sets) if x != base]
         replica_of = {n: j % len(self.grid.rows) for j, n in enumerate(todo)}
         self._prepare(base, sets, replica_of)
-        base_loss, tokens = self._base_pass(base, sorted({0, *replica_of.values()}))
+        base_sums = self._base_pass(base, sorted({0, *replica_of.values()}))
+        if base == ():
+            base_sums["kl_sum"] = 0.0
         totals = self._restarts(sets, base, replica_of)
         self.ray.get([a.clear_scoring.remote() for a in self.grid.all()])
-        return [totals.get(n, base_loss) / tokens for n in range(len(sets))]
+        return [as_measure(totals.get(n, base_sums)) for n in range(len(sets))]
+
+
+def summed(parts: list[dict]) -> dict:
+    """Per-block sums (loss_sum, kl_sum or None, tokens) added up; kl_sum None if any block had no reference."""
+    kls = [p["kl_sum"] for p in parts]
+    return {"loss_sum": sum(p["loss_sum"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+            "kl_sum": None if None in kls else sum(kls)}
+
+
+def as_measure(sums: dict) -> SetMeasure:
+    kl = None if sums["kl_sum"] is None else sums["kl_sum"] / sums["tokens"]
+    return SetMeasure(loss=sums["loss_sum"] / sums["tokens"], kl=kl)

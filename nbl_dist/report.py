@@ -133,8 +133,8 @@ def format_table(report: dict) -> str:
 
 
 def candidate_lines(report: dict) -> list[str]:
-    """The sets a set rule measured, with their held-back loss increase (nats/token), the chosen one marked;
-    greedy's steps are shown by their best set only."""
+    """The sets a set rule measured, with their held-back KL divergence from the original and loss increase
+    (nats/token), the chosen one marked; greedy's steps are shown by their best set only (greedy goes by loss)."""
     found = report.get("candidates") or []
     if not found:
         return []
@@ -143,8 +143,10 @@ def candidate_lines(report: dict) -> list[str]:
         if c["found_by"] not in best or c["loss_increase"] < best[c["found_by"]]["loss_increase"]:
             best[c["found_by"]] = c
     lines = [f"CCA ranking (lowest bound first): {report['cca_ranking']}",
-             "sets measured on the held-back blocks (loss increase, nats/token):"]
+             "sets measured on the held-back blocks (nats/token):",
+             f"  {'layers':<40} {'KL':>9} {'loss+':>9}  found by"]
     for c in best.values():
-        lines.append(f"  {str(c['layers']):<40} {c['loss_increase']:>9.5f}  {c['found_by']}"
+        kl = "-" if c.get("kl") is None else f"{c['kl']:.5f}"
+        lines.append(f"  {str(c['layers']):<40} {kl:>9} {c['loss_increase']:>9.5f}  {c['found_by']}"
                      f"{'  <- chosen' if c['chosen'] else ''}")
     return lines

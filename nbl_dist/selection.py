@@ -2,13 +2,14 @@
 layers linearized together (§6a), and the choice of K layers or a threshold.
 
 The one home of the rule list: the config, the command line, the report and the benchmarks take it from here.
-The set rules need a `measure` callable (a backend's set_losses over the held-back blocks); nothing here runs a
+The set rules need a `measure` callable (a backend's measure_sets over the held-back blocks); nothing here runs a
 model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -32,17 +33,31 @@ RANK_RULES = ("auto", *RULES, "greedy")
 MEASURED_RULES = ("loss", *SET_RULES)  # rules that need held-back blocks
 
 LayerSet = tuple[int, ...]  # sorted layer indices, linearized together
-# sets -> mean next-token loss (nats/token) on the held-back blocks with each set linearized; () is the original
-Measure = Callable[[list[LayerSet]], list[float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SetMeasure:
+    """One set linearized together, measured on the held-back blocks: its mean next-token loss, and its mean
+    KL divergence from the original model's next-token distribution (both nats per predicted token). kl is
+    measured only in a call that also runs the original (), the reference; otherwise None."""
+
+    loss: float
+    kl: float | None
+
+
+# sets -> each set's SetMeasure on the held-back blocks; () is the original
+Measure = Callable[[list[LayerSet]], list[SetMeasure]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A set of layers a set rule measured: its loss increase (nats/token) over the original on the held-back
-    blocks, which rules proposed it (auto) or at which step it was tried (greedy), and whether it was chosen."""
+    """A set of layers a set rule measured: its loss increase over the original and its KL divergence from the
+    original (nats/token, None where not measured) on the held-back blocks, which rules proposed it (auto) or at
+    which step it was tried (greedy), and whether it was chosen."""
 
     layers: LayerSet
     loss_increase: float
+    kl: float | None
     found_by: str
     chosen: bool = False
 
@@ -111,31 +126,35 @@ def measured_work(rank_by: str, k: int | None, pool_size: int, n_layers: int) ->
 
 def choose_auto(scores: list[LayerScores], k: int, measure: Measure) -> list[Candidate]:
     """Every distinct K-set of cca, nmse and cosine, measured linearized together (one call: the original and
-    each set); the lowest loss is chosen (a tie goes to the earlier rule, cca first)."""
+    each set); the set whose next-token distribution stays closest to the original's (lowest KL) is chosen, a
+    tie going to the earlier rule, cca first. Not the lowest loss: a set can lower the loss on text like the
+    calibration text by moving the model towards it, and that move costs on other text (docs/method.md §6a)."""
     sets = rule_sets(scores, k)
-    base, *losses = measure([(), *sets])
-    found = [Candidate(layers, loss - base, ", ".join(rules)) for (layers, rules), loss in zip(sets.items(), losses)]
-    best = min(range(len(found)), key=lambda n: found[n].loss_increase)
+    base, *measured = measure([(), *sets])
+    found = [Candidate(layers, m.loss - base.loss, m.kl, ", ".join(rules))
+             for (layers, rules), m in zip(sets.items(), measured)]
+    best = min(range(len(found)), key=lambda n: (math.isnan(found[n].kl), found[n].kl))  # NaN: never chosen
     return [dataclasses.replace(c, chosen=n == best) for n, c in enumerate(found)]
 
 
 def choose_greedy(scores: list[LayerScores], k: int, pool_size: int, measure: Measure) -> list[Candidate]:
     """Build the set one layer at a time: at each step add the shortlisted layer whose addition gives the set the
-    lowest loss, measured with the whole set linearized together (one measure call per step). Returns every set
-    tried, step by step; the final set is the chosen one. A shortlist of exactly K layers leaves nothing to
-    choose: the whole of it is measured once."""
+    lowest loss, measured with the whole set linearized together (one measure call per step). The loss, not the
+    KL divergence auto uses: greedy is for text served like the calibration text, where a set that moves the
+    model towards that text is a gain. Returns every set tried, step by step; the final set is the chosen one. A
+    shortlist of exactly K layers leaves nothing to choose: the whole of it is measured once."""
     pool, current, tried = shortlist(scores, k, pool_size), (), []
     if len(pool) == k:
-        base, loss = measure([(), tuple(pool)])
-        return [Candidate(tuple(pool), loss - base, "greedy: the whole shortlist", chosen=True)]
+        base, m = measure([(), tuple(pool)])
+        return [Candidate(tuple(pool), m.loss - base.loss, m.kl, "greedy: the whole shortlist", chosen=True)]
     base = None
     for step in range(1, k + 1):
         sets = [tuple(sorted((*current, i))) for i in pool if i not in current]
-        losses = measure([(), *sets] if base is None else sets)
+        measured = measure([(), *sets] if base is None else sets)
         if base is None:
-            base, *losses = losses
-        tried += [Candidate(s, loss - base, f"greedy step {step}") for s, loss in zip(sets, losses)]
-        current = sets[min(range(len(sets)), key=losses.__getitem__)]
+            base, *measured = measured
+        tried += [Candidate(s, m.loss - base.loss, m.kl, f"greedy step {step}") for s, m in zip(sets, measured)]
+        current = sets[min(range(len(sets)), key=lambda n: measured[n].loss)]
     return [dataclasses.replace(c, chosen=c.layers == current) for c in tried]
 
 
@@ -161,6 +180,6 @@ def split_held_back(blocks: torch.Tensor, held: int) -> tuple[torch.Tensor, torc
     return blocks[:n], blocks[n:]
 
 
-def increases(losses: Sequence[float]) -> list[float]:
+def increases(measured: Sequence[SetMeasure]) -> list[float]:
     """Loss increases over the first entry (the original), for the rest."""
-    return [x - losses[0] for x in losses[1:]]
+    return [m.loss - measured[0].loss for m in measured[1:]]

@@ -61,6 +61,7 @@ class LossCandidates:
         self.model = model
         self.maps: dict[int, nn.Module] = {}  # layer -> that layer linearized
         self.inputs: dict[int, torch.Tensor] = {}  # held-back block -> this stage's input
+        self.reference: dict[int, torch.Tensor] = {}  # held-back block -> the original's output (last stage)
 
     def set(self, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
         m = self.model
@@ -83,9 +84,17 @@ class LossCandidates:
         m = self.model
         return m.forward(h, replace={i: self.maps[i] for i in layers if m.start <= i < m.end})
 
+    def head_sums(self, key: int, h: torch.Tensor, ids: torch.Tensor, original: bool) -> dict:
+        """The last stage: summed loss of block `key` and, once the original's output for it is known, the KL
+        divergence from it. The original's own output (`original`: no layer linearized) becomes that reference."""
+        if original:
+            self.reference[key] = h
+        return self.model.head_sums(h, ids, None if original else self.reference.get(key))
+
     def clear(self) -> None:
         self.maps.clear()
         self.inputs.clear()
+        self.reference.clear()
 
 
 class WorkerMeter:
@@ -221,9 +230,12 @@ class ShardWorker:
     @torch.no_grad()
     def score_batch(self, key: int, inp=None, layers: tuple[int, ...] = (), ids=None, cache: bool = False):
         """Forward of a held-back block for the measured rules (LossCandidates.run); no statistics are touched.
-        The last stage (given ids) returns the summed loss, the others their output."""
+        The last stage (given ids) returns the summed loss and KL divergence (LossCandidates.head_sums), the
+        others their output."""
         h = self.candidates.run(key, None if inp is None else self._input(inp), tuple(layers), cache)
-        return self.model.loss(h, readonly_tensor(ids)) if ids is not None else to_wire(h)
+        if ids is None:
+            return to_wire(h)
+        return self.candidates.head_sums(key, h, readonly_tensor(ids), original=not layers)
 
     def prepare_candidates(self, layers: list[int]) -> int:
         """Linearize each of `layers` with its fitted map (forward dtype, on the device), for candidate passes."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nbl_dist.arch import adapter_for, meta_model
-from nbl_dist.evaluate import next_token_loss
+from nbl_dist.evaluate import next_token_sums
 from nbl_dist.safetensors_io import load_tensors, weight_map
 
 
@@ -90,7 +90,7 @@ class ShardModel:
         self.bytes_read += nbytes
         return nbytes
 
-    def loss(self, h: torch.Tensor, ids: torch.Tensor) -> dict:
-        """Summed next-token cross-entropy (float64) of the last stage's output h (B, T, d) against ids (B, T)."""
-        loss_sum, tokens = next_token_loss(self.lm_head(self.final_norm(h)), ids)
-        return {"loss_sum": loss_sum, "tokens": tokens}
+    def head_sums(self, h: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
+        """The last stage's output h (B, T, d) through the final norm and the head: summed next-token loss against
+        ids (B, T), and KL divergence from the original's output `reference` (evaluate.next_token_sums)."""
+        return next_token_sums(lambda x: self.lm_head(self.final_norm(x)), h, ids, reference)

@@ -48,14 +48,14 @@ def calibrate_watched(mp, src, data, out, extra):
         seen.append(blocks.clone())
         return plain_stream(self, blocks, *a, **k)
 
-    def set_losses(self, sets, score_blocks, *a, **k):
+    def measure_sets(self, sets, score_blocks, *a, **k):
         if not held or not torch.equal(held[-1], score_blocks):
             held.append(score_blocks.clone())
-        return plain_set_losses(self, sets, score_blocks, *a, **k)
+        return plain_measure_sets(self, sets, score_blocks, *a, **k)
 
-    plain_stream, plain_set_losses = InProcessBackend.stream, InProcessBackend.set_losses
+    plain_stream, plain_measure_sets = InProcessBackend.stream, InProcessBackend.measure_sets
     mp.setattr(InProcessBackend, "stream", stream)
-    mp.setattr(InProcessBackend, "set_losses", set_losses)
+    mp.setattr(InProcessBackend, "measure_sets", measure_sets)
     argv = ["calibrate", "--model", str(src), "--data", str(data), "--out", str(out), "--samples", "6", "--seq-len",
             str(SEQ), "--linearize", "1", "--backend", "in-process", "--no-plot", *extra]
     assert main(argv) == 0

@@ -8,6 +8,7 @@ import torch
 
 from nbl_dist import calibrate
 from nbl_dist.local import InProcessBackend
+from nbl_dist.report import format_table
 from nbl_dist.selection import select_layers
 from tests.helpers import affine_swapped_model, manual_attention, research_bound
 
@@ -112,9 +113,9 @@ def test_all_scores_agree_across_splits(family, make_model_dir, tmp_path):
 
 # ---- the set rules: auto and greedy (docs/method.md §6a) ----------------------------------------------------
 
-def loss_by_hand(src, fits, blocks):
-    """Mean next-token cross-entropy (float64) of the unmodified source model with `fits` (layer -> LinearFit)
-    applied, from its logits: the reference a set rule's measurement must equal."""
+def logits_by_hand(src, fits, blocks):
+    """(N, T-1, V) float64 next-token logits of the unmodified source model with `fits` (layer -> LinearFit)
+    applied: the reference a set rule's measurements must equal."""
     from transformers import AutoModelForCausalLM
 
     from nbl_dist.linearized import apply_linearization
@@ -122,8 +123,21 @@ def loss_by_hand(src, fits, blocks):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64).eval()
     apply_linearization(model, {i: (f.weight, f.bias) for i, f in fits.items()})
     with torch.no_grad():
-        logits = model(input_ids=blocks).logits[:, :-1]  # (N, T-1, V)
+        return model(input_ids=blocks).logits[:, :-1]
+
+
+def loss_by_hand(src, fits, blocks):
+    """Mean next-token cross-entropy of the model with `fits` applied, from its logits."""
+    logits = logits_by_hand(src, fits, blocks)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+
+
+def kl_by_hand(src, fits, blocks):
+    """Mean over predicted positions of KL(original || with fits) between the two next-token distributions,
+    written out as sum_v p_v (log p_v - log q_v) in float64."""
+    log_p = torch.log_softmax(logits_by_hand(src, {}, blocks), -1)
+    log_q = torch.log_softmax(logits_by_hand(src, fits, blocks), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
 def fits_on(src, blocks):
@@ -144,10 +158,11 @@ def as_scores(report):
 AUTO_BLOCKS = torch.randint(3, 320, (12, 32), generator=torch.Generator().manual_seed(21))
 
 
-def test_auto_chooses_the_candidate_with_the_lowest_loss_measured_by_hand(make_model_dir, tmp_path):
-    """Candidates: the K-sets of cca, nmse, cosine (once each); each one's loss increase equals the loss of the
-    unmodified model with that set linearized (fits from the statistics blocks only) minus the original's, on
-    the held-back blocks; the lowest is chosen and written. Statistics that saw the held-back blocks differ."""
+def test_auto_chooses_the_candidate_closest_to_the_original_measured_by_hand(make_model_dir, tmp_path):
+    """Candidates: the K-sets of cca, nmse, cosine (once each); each one's KL divergence from the original and
+    loss increase equal those of the unmodified model with that set linearized (fits from the statistics blocks
+    only), computed from its logits on the held-back blocks; the lowest KL is chosen and written. Statistics
+    that saw the held-back blocks differ."""
     from nbl_dist import load_linearized
 
     src = make_model_dir("llama", torch.float64, num_hidden_layers=5)
@@ -160,22 +175,60 @@ def test_auto_chooses_the_candidate_with_the_lowest_loss_measured_by_hand(make_m
     assert {tuple(c["layers"]) for c in rep["candidates"]} == proposed and len(proposed) >= 2
     fits = fits_on(src, stats_blocks)
     original = loss_by_hand(src, {}, held)
-    by_hand = {tuple(c["layers"]): loss_by_hand(src, {i: fits[i] for i in c["layers"]}, held) - original
+    loss_up = {tuple(c["layers"]): loss_by_hand(src, {i: fits[i] for i in c["layers"]}, held) - original
                for c in rep["candidates"]}
+    kl = {tuple(c["layers"]): kl_by_hand(src, {i: fits[i] for i in c["layers"]}, held) for c in rep["candidates"]}
     for c in rep["candidates"]:
-        assert c["loss_increase"] == pytest.approx(by_hand[tuple(c["layers"])], rel=1e-9, abs=1e-12)
-    best = min(by_hand, key=by_hand.get)
+        assert c["loss_increase"] == pytest.approx(loss_up[tuple(c["layers"])], rel=1e-9, abs=1e-12)
+        assert c["kl"] == pytest.approx(kl[tuple(c["layers"])], rel=1e-9, abs=1e-12)
+        assert c["kl"] > 1e-6
+    best = min(kl, key=kl.get)
     assert [tuple(c["layers"]) for c in rep["candidates"] if c["chosen"]] == [best]
     assert tuple(rep["selected_layers"]) == best
+    printed = format_table(rep).splitlines()  # `nbl-dist report`: one line per candidate, both measures
+    for c in rep["candidates"]:
+        line = next(x for x in printed if x.strip().startswith(str(c["layers"])))
+        assert f"{c['kl']:.5f}" in line and f"{c['loss_increase']:.5f}" in line
+        assert line.endswith("<- chosen") == c["chosen"]
     assert rep["cca_ranking"] == sorted(range(5), key=lambda i: scores[i].cca_bound)
     written = load_linearized(tmp_path / "o").to(torch.float64)
     with torch.no_grad():
         logits = written(input_ids=held).logits[:, :-1]
     got = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[:, 1:].reshape(-1)).item()
-    assert got - original == pytest.approx(by_hand[best], rel=1e-9, abs=1e-12)
+    assert got - original == pytest.approx(loss_up[best], rel=1e-9, abs=1e-12)
     leaked = fits_on(src, AUTO_BLOCKS)  # statistics that saw the held-back blocks too
-    assert loss_by_hand(src, {i: leaked[i] for i in best}, held) - original != pytest.approx(by_hand[best],
-                                                                                            rel=1e-6)
+    assert kl_by_hand(src, {i: leaked[i] for i in best}, held) != pytest.approx(kl[best], rel=1e-6)
+
+
+def test_auto_goes_by_divergence_not_loss():
+    """A set that lowers the held-back loss below the original's (it moved the model towards the calibration
+    text) but moved the distribution further loses to one that stays closer; a NaN divergence is never chosen;
+    equal divergences go to the earlier rule."""
+    from nbl_dist.linalg import LayerScores
+    from nbl_dist.selection import SetMeasure, choose_auto, rule_sets
+
+    n = 6
+    order = {"cca": [0, 1, 2, 3, 4, 5], "nmse": [2, 3, 0, 1, 4, 5], "cosine": [4, 5, 0, 1, 2, 3]}
+    rank = {rule: {layer: r for r, layer in enumerate(o)} for rule, o in order.items()}
+    scores = [LayerScores(layer=i, cca_bound=float(rank["cca"][i]), nmse=float(rank["nmse"][i]),
+                          cosine=-float(rank["cosine"][i]), attn_ratio=0.0, ridge_x=0.0, ridge_y=0.0, tokens=1)
+              for i in range(n)]
+    assert list(rule_sets(scores, 2)) == [(0, 1), (2, 3), (4, 5)]
+
+    def measure(table):
+        return lambda sets: [SetMeasure(3.0, 0.0) if s == () else SetMeasure(*table[s]) for s in sets]
+
+    def chosen(table):
+        return [c.layers for c in choose_auto(scores, 2, measure(table)) if c.chosen]
+
+    # (loss, KL): nmse's set has the lowest loss, below the original's; cosine's the lowest KL
+    assert chosen({(0, 1): (3.5, 0.30), (2, 3): (2.9, 0.20), (4, 5): (3.1, 0.05)}) == [(4, 5)]
+    assert chosen({(0, 1): (3.5, 0.01), (2, 3): (2.9, 0.20), (4, 5): (3.1, 0.05)}) == [(0, 1)]
+    assert chosen({(0, 1): (3.5, float("nan")), (2, 3): (2.9, 0.20), (4, 5): (3.1, 0.25)}) == [(2, 3)]
+    assert chosen({(0, 1): (3.5, 0.10), (2, 3): (2.9, 0.10), (4, 5): (3.1, 0.10)}) == [(0, 1)]
+    found = choose_auto(scores, 2, measure({(0, 1): (3.5, 0.30), (2, 3): (2.9, 0.20), (4, 5): (3.1, 0.05)}))
+    assert [(c.found_by, c.loss_increase, c.kl) for c in found] == [
+        ("cca", 0.5, 0.30), ("nmse", pytest.approx(-0.1), 0.20), ("cosine", pytest.approx(0.1), 0.05)]
 
 
 def test_greedy_equals_brute_force_greedy_by_hand(make_model_dir, tmp_path):
@@ -199,6 +252,8 @@ def test_greedy_equals_brute_force_greedy_by_hand(make_model_dir, tmp_path):
             tried[(step, s)] = trial[s]
         current = list(min(trial, key=trial.get))
     got = {(int(c["found_by"].split()[-1]), tuple(c["layers"])): c["loss_increase"] for c in rep["candidates"]}
+    # the first step's call runs the original too, so its sets carry their KL; later steps' calls do not
+    assert all((c["kl"] is None) == (c["found_by"] != "greedy step 1") for c in rep["candidates"])
     assert set(got) == set(tried)
     for key, want in tried.items():
         assert got[key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
@@ -221,11 +276,12 @@ def test_max_bound_sets_how_many_layers_a_set_rule_chooses(make_model_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_set_losses_agree_across_splits(make_model_dir, local_ray):
-    """The held-back loss of layer sets on the actors, for (stages, replicas) = (1, 1), (2, 1), (2, 2), equals the
-    in-process backend's whole forwards: auto's candidates (each restarting at its first stage from the
-    original's cached inputs) and sets sharing a base that spans both stages (greedy's later steps: a cached pass
-    with the base linearized, then each set from the stage of its first layer outside it)."""
+def test_set_measures_agree_across_splits(make_model_dir, local_ray):
+    """The held-back loss and KL divergence of layer sets on the actors, for (stages, replicas) = (1, 1), (2, 1),
+    (2, 2), equal the in-process backend's whole forwards: auto's candidates and single layers (each restarting
+    at its first stage from the original's cached inputs, KL against the original's cached output), and, in a
+    second call without the original, sets sharing a base that spans both stages (greedy's later steps: a cached
+    pass with the base linearized, then each set from the stage of its first layer outside it; no KL)."""
     from transformers import AutoConfig
 
     from nbl_dist.plan import make_plan
@@ -238,9 +294,12 @@ def test_set_losses_agree_across_splits(make_model_dir, local_ray):
     ref.stream(stats_blocks, batch_size=2)
     auto_sets = list(rule_sets(ref.scores(), 2))
     assert len(auto_sets) >= 2
-    sets = [(), *auto_sets, (0,), (0, 1), (0, 2), (0, 3), (1, 3), (0, 1, 3), (1, 2, 3)]
+    calls = [[(), *auto_sets, (0,), (0, 1), (0, 2), (0, 3), (1, 3), (0, 1, 3), (1, 2, 3)],
+             [(0, 2, 3), (0, 1, 2), (0, 2)]]
     ref.fit([0, 1, 2, 3])
-    want = ref.set_losses(sets, held, batch_size=3)
+    want = [ref.measure_sets(sets, held, batch_size=3) for sets in calls]
+    assert all(m.kl is not None for m in want[0]) and all(m.kl is None for m in want[1])
+    assert want[0][0].kl == 0.0 and all(m.kl > 1e-6 for m in want[0][1:])
     for stages, replicas in [(1, 1), (2, 1), (2, 2)]:
         plan = make_plan(AutoConfig.from_pretrained(src), stages, replicas, dtype=torch.float64, batch_size=2,
                          seq_len=32)
@@ -249,11 +308,15 @@ def test_set_losses_agree_across_splits(make_model_dir, local_ray):
             backend.stream(stats_blocks, batch_size=2)
             backend.reduce()
             backend.fit([0, 1, 2, 3])
-            got = backend.set_losses(sets, held, batch_size=3)
+            got = [backend.measure_sets(sets, held, batch_size=3) for sets in calls]
         finally:
             backend.close()
-        for s, g, w in zip(sets, got, want):
-            assert g == pytest.approx(w, rel=1e-9), (stages, replicas, s)
+        for sets, g_call, w_call in zip(calls, got, want):
+            for s, g, w in zip(sets, g_call, w_call):
+                assert g.loss == pytest.approx(w.loss, rel=1e-9), (stages, replicas, s)
+                assert (g.kl is None) == (w.kl is None), (stages, replicas, s)
+                if w.kl is not None:
+                    assert g.kl == pytest.approx(w.kl, rel=1e-9, abs=1e-15), (stages, replicas, s)
 
 
 @pytest.mark.parametrize("rule, k, pool", [("auto", 3, 8), ("greedy", 3, 6), ("greedy", 4, 4), ("loss", 2, 8)])
@@ -262,7 +325,7 @@ def test_measured_work_counts_what_the_rule_runs(rule, k, pool):
     to measure (counted through its measure callable). The three statistic rules rank disjoint layers first here,
     so auto's three K-sets are distinct and its count (an upper bound in general) is exact."""
     from nbl_dist.linalg import LayerScores
-    from nbl_dist.selection import choose_set, fits_needed, measured_work
+    from nbl_dist.selection import SetMeasure, choose_set, fits_needed, measured_work
 
     n = 12
     rank = {"cca": np.arange(n), "nmse": np.roll(np.arange(n), -k), "cosine": np.roll(np.arange(n), -2 * k)}
@@ -274,6 +337,7 @@ def test_measured_work_counts_what_the_rule_runs(rule, k, pool):
         assert (fitted, passes) == (n, n + 1)
         return
     counted = []
-    choose_set(scores, rule, k, pool, lambda sets: counted.extend(sets) or [float(len(x)) for x in sets])
+    choose_set(scores, rule, k, pool,
+               lambda sets: counted.extend(sets) or [SetMeasure(float(len(x)), float(len(x))) for x in sets])
     assert passes == len(counted)
     assert fitted == len(fits_needed(scores, rule, k, pool))

@@ -49,9 +49,12 @@ def test_smollm2_calibrate_load_generate(smollm2, tmp_path):
     assert PPL_BAND[0] <= ppl <= PPL_BAND[1]
 
 
-def test_smollm2_cosine_rule_beats_attention_drop_at_k6(smollm2, tmp_path):
-    """NBL on the cosine rule's 6 layers has lower held-out perplexity than dropping those attentions, on other
-    plays and on unrelated English text (the standard library's pydoc topics)."""
+def test_smollm2_default_rule_beats_attention_drop_at_k6(smollm2, tmp_path):
+    """The default rule (auto, on the Ray pipeline) linearizing 6 layers has lower held-out perplexity than
+    dropping the attention of the cosine rule's 6 layers, on other plays and on unrelated English text (the
+    standard library's pydoc topics), and stays within 10% of the original on the other plays. Measured here
+    with 32 x 256 calibration tokens and 8 x 256 held out: the lowest held-back loss would take nmse's set
+    (about 12% above the original); the lowest KL divergence takes one within 8%."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nbl_dist import calibrate, load_linearized
@@ -61,18 +64,23 @@ def test_smollm2_cosine_rule_beats_attention_drop_at_k6(smollm2, tmp_path):
     from nbl_dist.linearized import apply_linearization, zero_fits
 
     model_dir, calib, held = smollm2
-    out = tmp_path / "cos6"
-    rep = calibrate(model_dir, out, data=str(calib), samples=32, seq_len=256, linearize=6, rank_by="cosine",
-                    stages=2, batch_size=4, dtype="float32", device="cpu", log=lambda *a: None)
+    out = tmp_path / "auto6"
+    rep = calibrate(model_dir, out, data=str(calib), samples=32, seq_len=256, linearize=6, stages=2,
+                    batch_size=4, dtype="float32", device="cpu", log=lambda *a: None)
+    assert rep["rank_by"] == "auto" and rep["score_tokens"] == 8 * 256
+    cosine_set = next(c["layers"] for c in rep["candidates"] if "cosine" in c["found_by"])
     tok = AutoTokenizer.from_pretrained(model_dir)
     sets = {"plays": load_blocks(held, tok, 8, 256), "pydoc": pydoc_blocks(tok, 8, 256)}
     nbl = load_linearized(out)
-    drop = apply_linearization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                               zero_fits(rep["selected_layers"], 576))
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    p_orig = perplexity(original, sets["plays"])
+    drop = apply_linearization(original, zero_fits(cosine_set, 576))
     for name, blocks in sets.items():
         p_nbl, p_drop = perplexity(nbl, blocks), perplexity(drop, blocks)
-        print(f"{name}: NBL(cosine, K=6) {p_nbl:.2f} vs attention-drop {p_drop:.2f}")
+        print(f"{name}: NBL(auto {rep['selected_layers']}, K=6) {p_nbl:.2f} vs attention-drop {p_drop:.2f}")
         assert p_nbl < p_drop, name
+        if name == "plays":
+            assert p_nbl < 1.10 * p_orig, (p_nbl, p_orig)
 
 
 # Measured on the development machine (2 CPUs, float32): original 49.11, NBL on layers [25, 26] 56.66. The band
