@@ -38,7 +38,7 @@ class Timed:
 
     def __call__(self, sets):
         t0 = time.perf_counter()
-        out = self.backend.set_losses(sets, self.score_blocks, batch_size=4)
+        out = self.backend.measure_sets(sets, self.score_blocks, batch_size=4)
         self.calls.append(time.perf_counter() - t0)
         return out
 
@@ -82,13 +82,14 @@ def set_rule_run(backend, scores, score_blocks, rule, k, shortlist):
 
 
 def auto_picks(backend, scores, score_blocks, ks):
-    """(k, "auto") -> (layers, seconds), and k -> the rules whose set auto chose."""
-    picks, chose = {}, {}
+    """(k, "auto") -> (layers, seconds), k -> the rules whose set auto chose, and k -> every candidate."""
+    picks, chose, found_at = {}, {}, {}
     for k in ks:
         (layers, found, _), s = seconds(lambda: set_rule_run(backend, scores, score_blocks, "auto", k, 0))
         picks[k, "auto"] = (layers, s)
         chose[k] = next(c.found_by for c in found if c.chosen)
-    return picks, chose
+        found_at[k] = found
+    return picks, chose, found_at
 
 
 def greedy_picks(backend, scores, score_blocks, ks, shortlist):
@@ -168,6 +169,17 @@ class Evaluator:
             return got, {name: perplexity(model, b, self.batch_size) for name, b in self.sets.items()}
 
 
+def print_candidates(found_at):
+    """auto's candidates at each K: KL divergence from the original / loss increase on the held-back blocks."""
+    print("\nauto's candidates on the held-back blocks, KL from the original / loss increase (nats/token):")
+    print(f"{'K':>3} " + " ".join(f"{r:>17}" for r in STATISTIC_RULES))
+    for k, found in found_at.items():
+        by_rule = {rule: c for c in found for rule in c.found_by.split(", ")}
+        print(f"{k:>3} " + " ".join(f"{by_rule[r].kl:>8.4f}/{by_rule[r].loss_increase:<+8.4f}"
+                                    for r in STATISTIC_RULES)
+              + f"  chose {next(c.found_by for c in found if c.chosen)}")
+
+
 def print_tables(base, rows, times, stream_s, ks, chose):
     print("\nheld-out perplexity, plays / pydoc (original "
           f"{base['plays']:.2f} / {base['pydoc']:.2f})")
@@ -205,7 +217,7 @@ def main():
     _, stream_s = seconds(lambda: backend.stream(stat_blocks, batch_size=4))
     scores = backend.scores()
     picks = statistic_picks(backend, scores, a.ks)
-    auto, chose = auto_picks(backend, scores, score_blocks, a.ks)
+    auto, chose, found_at = auto_picks(backend, scores, score_blocks, a.ks)
     picks.update(auto)
     print(f"statistics in {stream_s:.0f} s; auto done at {time.perf_counter() - t0:.0f} s", flush=True)
     picks.update(greedy_picks(backend, scores, score_blocks, a.ks, a.shortlist))
@@ -228,10 +240,13 @@ def main():
             print(f"K={k:>2} {rule:>9} {str(layers):<36} plays {ppl['plays']:8.2f}   pydoc {ppl['pydoc']:8.2f}",
                   flush=True)
     times = {key: s for key, (_, s) in picks.items()}
+    candidates = {k: [c.to_dict() for c in found] for k, found in found_at.items()}
     Path(a.out).write_text(json.dumps({"original": base, "rows": rows, "stream_s": stream_s, "auto_chose": chose,
+                                       "auto_candidates": candidates,
                                        "seconds": [{"k": k, "rule": r, "s": s} for (k, r), s in times.items()],
                                        "scores": [s.to_dict() for s in scores]}, indent=2))
     print_tables(base, rows, times, stream_s, a.ks, chose)
+    print_candidates(found_at)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
