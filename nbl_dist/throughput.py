@@ -49,6 +49,11 @@ def layer_forward_flops(config, seq_len: int) -> float:
     return 2 * weights + attention
 
 
+def head_flops(config) -> float:
+    """FLOPs per token of the output head (hidden -> vocabulary logits), which a measured rule's last stage runs."""
+    return 2 * config.hidden_size * config.vocab_size
+
+
 def symmetric_fraction(d: int, device_type: str) -> float:
     """Share of a full d x d product that a symmetric one forms on this device (1: a full GEMM)."""
     edges = triangle_edges(d, device_type)
@@ -237,6 +242,8 @@ def estimate_time(config, plan, tokens: int, seq_len: int, batch_size: int, prec
               "fit": fitted_layers * FIT_D3 * d ** 3 / rates.fp64}
     if score_tokens:
         passes = plan.num_layers + 1 if score_passes is None else score_passes
-        phases["loss_scoring"] = passes * score_tokens * plan.num_layers * fwd / rates.forward
+        # each pass projects its own output and, for the KL divergence, the original's (evaluate.next_token_sums)
+        per_token = plan.num_layers * fwd + 2 * head_flops(config)
+        phases["loss_scoring"] = passes * score_tokens * per_token / rates.forward
     n = plan.num_layers
     return TimeEstimate(phases, n * fwd, n * st, precision, rates)

@@ -63,6 +63,26 @@ def test_given_rate_estimate_is_the_counted_work_over_the_rate():
     assert time_estimate(cfg, make_plan(cfg, 1), tokens, seq, batch, "fp32") is None  # no rate: no estimate
 
 
+def test_scoring_estimate_counts_the_layers_and_both_head_projections():
+    """A measured pass's head work is what evaluate.next_token_sums does with a KL reference (torch's counter: two
+    vocabulary projections per predicted position), and the scoring estimate is passes x held-back tokens x
+    (layers' forward + two heads) / rate."""
+    from nbl_dist.evaluate import next_token_sums
+
+    cfg = synthetic.tiny_config("llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=96, num_hidden_layers=4)
+    b, t, d = 2, 16, 64
+    head = torch.nn.Linear(d, cfg.vocab_size, bias=False)
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    counted = counted_mm_flops(lambda: next_token_sums(head, torch.randn(b, t, d), ids, torch.randn(b, t, d)))
+    assert counted == 2 * throughput.head_flops(cfg) * b * (t - 1)
+    seq, batch, tokens, held, passes, tflops = 16, 2, 640, 64, 5, 1e-3
+    est = time_estimate(cfg, make_plan(cfg, 1, seq_len=seq, batch_size=batch), tokens, seq, batch, "fp32",
+                        device_tflops=tflops, score_tokens=held, score_passes=passes)
+    per_token = 4 * throughput.layer_forward_flops(cfg, seq) + 2 * 2 * d * cfg.vocab_size
+    assert est.phases["loss_scoring"] == pytest.approx(passes * held * per_token / (tflops * 1e12), rel=1e-12)
+
+
 def test_measure_is_refused_for_gpu_actors_and_with_a_given_rate():
     cfg = synthetic.tiny_config("llama")
     with pytest.raises(PlanError, match="--device-tflops"):
