@@ -517,6 +517,12 @@ class StreamPass:
                 receipt = self.ray.get(ref)
             except RayActorError:  # also a downstream task whose input's actor died (it is both kinds)
                 self._recover(r, share[r], window, pending)
+                # a micro-batch every stage had finished (and snapshotted) is not sent again, but its receipt
+                # died with the actor: count it here, or the progress line would stop short of 100%
+                for k in (k for k in share[r] if k not in counted and k not in pending[r]):
+                    if progress:
+                        progress(int(arr[k * batch_size:(k + 1) * batch_size].size))
+                    counted.add(k)
                 continue
             except RayTaskError as e:
                 if isinstance(e.cause, NBLError):
