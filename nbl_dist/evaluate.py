@@ -93,12 +93,8 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int
     """(summed next-token cross-entropy, predicted tokens) of logits (B, T, V) against token ids (B, T).
 
     Position t predicts token t + 1; the logits go up to float32 at least (bf16 up, float64 kept)."""
-    logits = logits[:, :-1]  # (B, T-1, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    target = ids[:, 1:].to(logits.device, torch.long)  # (B, T-1)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             reduction="sum")
-    return float(loss.double()), int(target.numel())
+    sums = next_token_sums(lambda x: x, logits, ids)  # logits are their own head's output
+    return sums["loss_sum"], sums["tokens"]
 
 
 HEAD_ROWS = 2048  # token positions per vocabulary projection in next_token_sums

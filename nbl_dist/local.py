@@ -20,7 +20,7 @@ from nbl_dist.evaluate import next_token_sums
 from nbl_dist.linalg import LayerScores
 from nbl_dist.linearized import linearized_in_place
 from nbl_dist.progress import RunProgress
-from nbl_dist.selection import SetMeasure, increases
+from nbl_dist.selection import SetMeasure, increases, measure_of
 from nbl_dist.shard_stats import ShardStats
 
 
@@ -105,17 +105,15 @@ class InProcessBackend:
         reference: dict[int, torch.Tensor] = {}  # batch start -> the original's final hidden states (B, T, d)
         out: dict[int, SetMeasure] = {}
         for n in sorted(range(len(sets)), key=lambda n: sets[n] != ()):
-            sums = {"loss_sum": 0.0, "kl_sum": 0.0, "tokens": 0}
+            parts = []
             with linearized_in_place(self.model, {i: (self.fits[i].weight, self.fits[i].bias) for i in sets[n]}):
                 for start in range(0, score_blocks.shape[0], batch_size):
                     ids = score_blocks[start:start + batch_size].to(self.device)  # (B, T)
                     h = decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d), final norm applied
                     if sets[n] == ():
                         reference[start] = h
-                    part = next_token_sums(head, h, ids, reference.get(start) if sets[n] else None)
-                    sums = {k: sums[k] + (part[k] or 0) for k in sums}
-            kl = None if not reference else sums["kl_sum"] / sums["tokens"]  # the original's: exactly 0
-            out[n] = SetMeasure(loss=sums["loss_sum"] / sums["tokens"], kl=kl)
+                    parts.append(next_token_sums(head, h, ids, reference.get(start) if sets[n] else None))
+            out[n] = measure_of(parts, original=sets[n] == ())
         return [out[n] for n in range(len(sets))]
 
     def get_fit(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

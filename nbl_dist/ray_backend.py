@@ -28,7 +28,7 @@ from nbl_dist.plan import ShardPlan
 from nbl_dist.progress import RunProgress
 from nbl_dist.ray_cluster import RayCluster
 from nbl_dist.resume import missing_batches
-from nbl_dist.selection import SetMeasure, increases
+from nbl_dist.selection import SetMeasure, increases, measure_of
 from nbl_dist.shard import ShardWorker, readonly_tensor
 
 
@@ -597,15 +597,15 @@ class SetPass:
             s = self.grid.stage_of(i)
             rows[r][s].set_candidate.remote(i, rows[0][s].candidate_map.remote(i))
 
-    def _base_pass(self, base: tuple[int, ...], replicas: list[int]) -> dict:
+    def _base_pass(self, base: tuple[int, ...], replicas: list[int]) -> SetMeasure:
         """Every block through each of `replicas` with the base linearized, caching each stage's input (and, when
-        the base is the original, the last stage's output: the KL reference). Returns replica 0's sums."""
+        the base is the original, the last stage's output: the KL reference). Returns replica 0's measure."""
         done = self.ray.get([self._chain(r, k, base, 0, cache=True) for r in replicas for k in self.parts])
-        return summed(done[:len(self.parts)])
+        return measure_of(done[:len(self.parts)], original=base == ())
 
     def _restarts(self, sets: list[tuple[int, ...]], base: tuple[int, ...], replica_of: dict[int, int]):
         """Each set of replica_of (index -> replica) from the stage of its first layer outside the base; returns
-        set index -> its sums over the blocks."""
+        set index -> its measure."""
         jobs = [(n, r, self.grid.stage_of(min(set(sets[n]) - set(base))), k)
                 for n, r in replica_of.items() for k in self.parts]  # (set, replica, first stage, block)
         parts: dict[int, list[dict]] = {n: [] for n in replica_of}
@@ -615,7 +615,7 @@ class SetPass:
         for _, job, ref in Window(self.ray, {"sets": jobs}, submit, limit):
             parts[job[0]].append(self.ray.get(ref))
             tick(1)
-        return {n: summed(p) for n, p in parts.items()}
+        return {n: measure_of(p) for n, p in parts.items()}
 
     def run(self, sets: list[tuple[int, ...]], score_blocks: torch.Tensor, batch_size: int) -> list[SetMeasure]:
         """Each set (sorted layer tuples; () is the original) measured on score_blocks (N, T): mean loss, and KL
@@ -627,21 +627,7 @@ class SetPass:
         todo = [n for n, x in enumerate(sets) if x != base]
         replica_of = {n: j % len(self.grid.rows) for j, n in enumerate(todo)}
         self._prepare(base, sets, replica_of)
-        base_sums = self._base_pass(base, sorted({0, *replica_of.values()}))
-        if base == ():
-            base_sums["kl_sum"] = 0.0
-        totals = self._restarts(sets, base, replica_of)
+        base_measure = self._base_pass(base, sorted({0, *replica_of.values()}))
+        measured = self._restarts(sets, base, replica_of)
         self.ray.get([a.clear_scoring.remote() for a in self.grid.all()])
-        return [as_measure(totals.get(n, base_sums)) for n in range(len(sets))]
-
-
-def summed(parts: list[dict]) -> dict:
-    """Per-block sums (loss_sum, kl_sum or None, tokens) added up; kl_sum None if any block had no reference."""
-    kls = [p["kl_sum"] for p in parts]
-    return {"loss_sum": sum(p["loss_sum"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
-            "kl_sum": None if None in kls else sum(kls)}
-
-
-def as_measure(sums: dict) -> SetMeasure:
-    kl = None if sums["kl_sum"] is None else sums["kl_sum"] / sums["tokens"]
-    return SetMeasure(loss=sums["loss_sum"] / sums["tokens"], kl=kl)
+        return [measured.get(n, base_measure) for n in range(len(sets))]

@@ -45,6 +45,15 @@ class SetMeasure:
     kl: float | None
 
 
+def measure_of(sums: Sequence[dict], original: bool = False) -> SetMeasure:
+    """A set's SetMeasure from its per-block sums (evaluate.next_token_sums: loss_sum, kl_sum, tokens). The
+    original's KL from itself is 0; another set's KL is None unless every block had the original's output."""
+    tokens = sum(s["tokens"] for s in sums)
+    kls = [s["kl_sum"] for s in sums]
+    kl = 0.0 if original else None if None in kls else sum(kls) / tokens
+    return SetMeasure(loss=sum(s["loss_sum"] for s in sums) / tokens, kl=kl)
+
+
 # sets -> each set's SetMeasure on the held-back blocks; () is the original
 Measure = Callable[[list[LayerSet]], list[SetMeasure]]
 
