@@ -21,3 +21,18 @@ def smollm2_and_plays():
 
     runs = REPO / "runs"
     return convert_gguf(smollm2_gguf(), runs / "smollm2-135m"), *shakespeare_split(runs / "shakespeare")
+
+
+def default_rule_folder(model_dir, calib, k: int):
+    """SmolLM2 with K layers linearized under the default rule, calibrated as the demo does (64 x 256 tokens of
+    half the plays, 8 more held back), once per K from one set of kept statistics; cached in runs/nbl-default/."""
+    from nbl_dist import calibrate
+
+    root = REPO / "runs" / "nbl-default"
+    out = root / f"k{k}"
+    if (out / "nbl_report.json").exists():
+        return out
+    calibrate(model_dir, out, data=str(calib), samples=64, seq_len=256, linearize=k, backend="in-process",
+              batch_size=4, dtype="float32", device="cpu", overwrite=True, checkpoint_dir=str(root / "statistics"),
+              keep_checkpoint=True, log=print)
+    return out
