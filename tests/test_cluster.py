@@ -36,7 +36,10 @@ def simulated_cluster(workers: int, worker_gpus: int = 0, head_config: dict | No
     """
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": head_config or {}})
+    # A lost node is declared dead after 2 missed health checks 1 s apart (Ray's defaults: 5, 3 s apart), so the
+    # lost-node tests wait seconds, not tens of seconds, before the run meets its dead actors.
+    config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2, **(head_config or {})}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": config})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=worker_gpus) for _ in range(workers)]
     try:
         ray.init(address=cluster.address)
