@@ -7,20 +7,25 @@ import typing
 from nbl_dist.linearized import load_linearized, register_auto_classes
 
 if typing.TYPE_CHECKING:
+    from nbl_dist.healing.pipeline import heal_api as heal
     from nbl_dist.pipeline import calibrate_api as calibrate
 
 # AutoConfig / AutoModelForCausalLM.from_pretrained load nbl-dist output folders once nbl_dist is imported. This
 # imports torch and transformers' model classes (a few seconds); the pipeline itself is imported on first use.
 register_auto_classes()
 
-__all__ = ["calibrate", "load_linearized"]
+__all__ = ["calibrate", "heal", "load_linearized"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # PEP 562: `import nbl_dist` to load a model need not import the calibration pipeline.
+    # PEP 562: `import nbl_dist` to load a model need not import the calibration or healing pipeline.
     if name == "calibrate":
         from nbl_dist.pipeline import calibrate_api
 
         return calibrate_api
+    if name == "heal":
+        from nbl_dist.healing.pipeline import heal_api
+
+        return heal_api
     raise AttributeError(f"module 'nbl_dist' has no attribute {name!r}")

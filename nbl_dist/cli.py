@@ -1,4 +1,4 @@
-"""`nbl-dist` command line: calibrate, plan, eval, bench, report."""
+"""`nbl-dist` command line: calibrate, heal, plan, eval, bench, report."""
 
 from __future__ import annotations
 
@@ -14,18 +14,25 @@ NOT_FIELDS = ("config",)
 
 
 def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The calibrate options (shared with jobs/calibrate.py), one per CalibrationConfig field, built from the
-    fields' metadata so that --help, the YAML keys and the Python keywords cannot drift apart.
+    """The calibrate options (shared with jobs/calibrate.py): add_config_options of CalibrationConfig."""
+    add_config_options(p, CalibrationConfig, required)
 
-    Values stay strings here and default to None, so that a YAML config can fill them and CalibrationConfig
+
+def add_config_options(p: argparse.ArgumentParser, cls: type, required: bool = True) -> None:
+    """One flag per field of an option config (CalibrationConfig, HealConfig), built from the fields' metadata so
+    that --help, the YAML keys and the Python keywords cannot drift apart.
+
+    Values stay strings here and default to None, so that a YAML config can fill them and the config class
     converts and checks every value the same way whichever way it came in (argparse still checks choices).
 
     Args:
         p: the parser (or sub-parser) to add the flags to.
-        required: make --model and --out required by argparse (False when a --config file may give them).
+        cls: the config class.
+        required: make the options without a default required by argparse (False when a --config file may give
+            them).
     """
     groups = {}  # metadata group -> argparse mutually exclusive group (--linearize | --max-bound)
-    for f in dataclasses.fields(CalibrationConfig):
+    for f in dataclasses.fields(cls):
         group = f.metadata["group"]
         if group and group not in groups:
             groups[group] = p.add_mutually_exclusive_group()
@@ -52,12 +59,13 @@ def argument_kwargs(f: dataclasses.Field, required: bool) -> dict:
     return kwargs
 
 
-def config_from_args(args: argparse.Namespace, base: dict | None = None) -> CalibrationConfig:
+def config_from_args(args: argparse.Namespace, base: dict | None = None, cls: type = CalibrationConfig):
     """Command-line values over a YAML base over the defaults, through the one builder of a config.
 
     Args:
-        args: the parsed `calibrate` command line (unset options are None).
+        args: the parsed command line (unset options are None).
         base: options read from the --config file, if any.
+        cls: the config class (CalibrationConfig for `calibrate`, HealConfig for `heal`).
     Returns:
         The converted, validated config.
     Raises:
@@ -68,7 +76,7 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Cali
         if k in (*NOT_FIELDS, "command", "func") or v is None:
             continue
         values[k] = v
-    return CalibrationConfig.from_dict(values)
+    return cls.from_dict(values)
 
 
 def cmd_calibrate(args) -> int:
@@ -78,6 +86,18 @@ def cmd_calibrate(args) -> int:
     from nbl_dist.pipeline import calibrate
 
     calibrate(cfg)
+    return 0
+
+
+def cmd_heal(args) -> int:
+    # The whole config is converted and checked here, before any tokenizer or weight is read.
+    from nbl_dist.healing.config import HealConfig
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    cfg = config_from_args(args, base, HealConfig)
+    from nbl_dist.healing.pipeline import heal
+
+    heal(cfg)
     return 0
 
 
@@ -190,7 +210,7 @@ def eval_perplexity(args, models: dict[str, str]) -> None:
     from transformers import AutoTokenizer
 
     from nbl_dist.data import DataSource, tokenizer_fingerprint
-    from nbl_dist.evaluate import heldout_blocks
+    from nbl_dist.evaluate import data_records, heldout_blocks
     from nbl_dist.linearized import read_nbl_section
 
     tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in models.items()}
@@ -198,10 +218,10 @@ def eval_perplexity(args, models: dict[str, str]) -> None:
         raise NBLError(f"--model {args.model!r} and --baseline {args.baseline!r} have different tokenizers, so "
                        "their perplexities on the same text do not compare; pass the baseline the model came from")
     sections = {name: read_nbl_section(path) for name, path in models.items()}
-    run = next((sec["data"] for sec in sections.values() if sec.get("data")), None)
-    seq_len = args.seq_len or (run["seq_len"] if run else 256)
+    runs = next((data_records(sec) for sec in sections.values() if data_records(sec)), [])
+    seq_len = args.seq_len or (runs[0]["seq_len"] if runs else 256)
     source = DataSource(args.data, args.text_column, args.data_config, args.data_split)
-    held = heldout_blocks(source, tokenizers["model"], seq_len, args.samples, run)
+    held = heldout_blocks(source, tokenizers["model"], seq_len, args.samples, runs)
     ppl, (device, dtype) = perplexities(models, held.blocks, args.device, args.dtype, args.batch_size)
     result = {"model": args.model, "baseline": args.baseline, "perplexity": ppl,
               "ratio": ppl["model"] / ppl["baseline"] if args.baseline else None,
@@ -266,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_options(p, required=False)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("heal", help="train the linearized layers' maps toward the original (Ray Train) and write a "
+                                    "healed folder of the same format")
+    from nbl_dist.healing.config import HealConfig
+
+    add_config_options(p, HealConfig, required=False)
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+    p.set_defaults(func=cmd_heal)
     p = sub.add_parser("plan", help="shard plan and memory per actor, from the config alone")
     p.add_argument("--model", required=True, help="checkpoint folder or config.json")
     p.add_argument("--stages", type=int, default=1)

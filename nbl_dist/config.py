@@ -48,8 +48,59 @@ def option(default=dataclasses.MISSING, *, help: str, choices: tuple[str, ...] |
     return dataclasses.field(default=default, metadata=meta)
 
 
+class Options:
+    """What every frozen option config shares (CalibrationConfig, healing's HealConfig): values converted to their
+    declared types on construction, choices and minimums checked by `validate`, and `from_dict`, the one builder
+    the CLI, a YAML file, a job and the Python API go through. A subclass is a frozen dataclass of `option` fields,
+    names its required options in REQUIRED and its own cross-option checks in `check`."""
+
+    REQUIRED: typing.ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        # Every way of building a config (from_dict, the constructor, dataclasses.replace) converts each value to
+        # its declared type here, so a YAML string such as "1e-6" never reaches the library as a str.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), type(self)))
+
+    def validate(self):
+        """Refuse out-of-range values, unknown choices and conflicting options (ConfigError naming the fix).
+
+        Returns:
+            self, so that `Config.from_dict(values).validate()` reads as one expression.
+        """
+        check_choices(self)
+        check_minimums(self)
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """The subclass's checks of options that are each valid but not together."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, typing.Any]):
+        """The one builder of a config, shared by the CLI, the YAML file, the job and the Python API.
+
+        Args:
+            values: option name (`seq_len` or `seq-len`) -> value, of the declared type or a string of it
+                ("4", "1e-6", "true"); the options left out take their defaults.
+        Returns:
+            The converted, validated config.
+        Raises:
+            ConfigError: an unknown or missing option, a value of the wrong type, out of range, or in conflict
+                with another; the message names the option and the fix.
+        """
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        check_known(values, cls)
+        for name in cls.REQUIRED:
+            if values.get(name) in (None, ""):
+                raise ConfigError(f"--{name} is required (on the command line, in the --config file, or as "
+                                  f"{name}=... in Python)")
+        return cls(**values).validate()
+
+
 @dataclasses.dataclass(frozen=True)
-class CalibrationConfig:
+class CalibrationConfig(Options):
+    REQUIRED: typing.ClassVar[tuple[str, ...]] = REQUIRED
     model: str = option(help="Hugging Face checkpoint folder (safetensors)")
     out: str = option(help="output folder (linearized checkpoint + report)")
     data: str | None = option(None, help="calibration text: .txt/.jsonl/.jsonl.gz/.json/.csv/.parquet file or "
@@ -113,44 +164,9 @@ class CalibrationConfig:
     shortlist: int = option(8, minimum=1, help="--rank-by greedy: the layers it chooses among, the best of cca, "
                                                "nmse and cosine in turn (at least K)")
 
-    def __post_init__(self) -> None:
-        # Every way of building a config (from_dict, the constructor, dataclasses.replace) converts each value to
-        # its declared type here, so a YAML string such as "1e-6" never reaches the pipeline as a str.
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
-
-    def validate(self) -> "CalibrationConfig":
-        """Refuse out-of-range values, unknown choices and conflicting options (ConfigError naming the fix).
-
-        Returns:
-            self, so that `CalibrationConfig.from_dict(values).validate()` reads as one expression.
-        """
-        check_choices(self)
-        check_minimums(self)
+    def check(self) -> None:
         check_memory_sizes(self)
         check_conflicts(self)
-        return self
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, typing.Any]) -> "CalibrationConfig":
-        """The one builder of a config, shared by the CLI, the YAML file, the job and the Python API.
-
-        Args:
-            values: option name (`seq_len` or `seq-len`) -> value, of the declared type or a string of it
-                ("4", "1e-6", "true"); the options left out take their defaults.
-        Returns:
-            The converted, validated config.
-        Raises:
-            ConfigError: an unknown or missing option, a value of the wrong type, out of range, or in conflict
-                with another; the message names the option and the fix.
-        """
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        check_known(values)
-        for name in REQUIRED:
-            if values.get(name) in (None, ""):
-                raise ConfigError(f"--{name} is required (on the command line, in the --config file, or as "
-                                  f"{name}=... in Python)")
-        return cls(**values).validate()
 
 
 def flag(name: str) -> str:
@@ -159,20 +175,24 @@ def flag(name: str) -> str:
 
 
 @functools.cache
-def field_types() -> dict[str, tuple[type, bool]]:
-    """Field name -> (scalar type, whether None is allowed), read from the dataclass annotations."""
-    hints = typing.get_type_hints(CalibrationConfig)
+def field_types(cls: type | None = None) -> dict[str, tuple[type, bool]]:
+    """Field name -> (scalar type, whether None is allowed), read from the dataclass annotations of `cls`
+    (default CalibrationConfig)."""
+    hints = typing.get_type_hints(cls or CalibrationConfig)
     types = {}
     for name, hint in hints.items():
+        if typing.get_origin(hint) is typing.ClassVar:
+            continue
         args = typing.get_args(hint)  # (int, NoneType) for `int | None`; () for a plain type
         scalars = [a for a in args if a is not type(None)] or [hint]
         types[name] = (scalars[0], type(None) in args)
     return types
 
 
-def check_known(values: Mapping[str, typing.Any]) -> None:
-    """Refuse keys that are not options, naming the nearest option (a typo must not be silently ignored)."""
-    names = [f.name for f in dataclasses.fields(CalibrationConfig)]
+def check_known(values: Mapping[str, typing.Any], cls: type | None = None) -> None:
+    """Refuse keys that are not options of `cls` (default CalibrationConfig), naming the nearest option (a typo
+    must not be silently ignored)."""
+    names = [f.name for f in dataclasses.fields(cls or CalibrationConfig)]
     problems = []
     for key in values:
         if key not in names:
@@ -187,18 +207,19 @@ EXAMPLES = {int: "4", float: "0.5", bool: "true", str: "'text'"}
 KINDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string"}
 
 
-def coerce(name: str, value: typing.Any) -> typing.Any:
+def coerce(name: str, value: typing.Any, cls: type | None = None) -> typing.Any:
     """`value` converted to the declared type of field `name`.
 
     Args:
-        name: a CalibrationConfig field.
+        name: a field of `cls` (default CalibrationConfig).
         value: the value as given: of the declared type, or a string of it (command line, YAML).
+        cls: the config class.
     Returns:
         The value of the declared type (None where the field allows it).
     Raises:
         ConfigError: the value cannot be read as that type; the message names the option and an example.
     """
-    kind, optional = field_types()[name]
+    kind, optional = field_types(cls or CalibrationConfig)[name]
     if value is None:
         if optional:
             return None
@@ -206,14 +227,14 @@ def coerce(name: str, value: typing.Any) -> typing.Any:
     converted = CONVERTERS[kind](value)
     if converted is None:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        wanted = KINDS[kind] if kind is bool else f"{KINDS[kind]} like {example(name, kind)}"
+        wanted = KINDS[kind] if kind is bool else f"{KINDS[kind]} like {example(name, kind, cls)}"
         raise ConfigError(f"option {name!r} must be {wanted}, got {shown} ({type(value).__name__})")
     return converted
 
 
-def example(name: str, kind: type) -> str:
+def example(name: str, kind: type, cls: type | None = None) -> str:
     """A valid value to show in a message: the field's default where it has one, else one of its type."""
-    default = CalibrationConfig.__dataclass_fields__[name].default
+    default = (cls or CalibrationConfig).__dataclass_fields__[name].default
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         return str(default)
     return EXAMPLES[kind]
@@ -270,7 +291,7 @@ def _to_str(value) -> str | None:
 CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
 
 
-def check_choices(cfg: CalibrationConfig) -> None:
+def check_choices(cfg: Options) -> None:
     """Every option with choices holds one of them (the placement in any case: Ray upper-cases it)."""
     for f in dataclasses.fields(cfg):
         choices = f.metadata["choices"]
@@ -279,7 +300,7 @@ def check_choices(cfg: CalibrationConfig) -> None:
             raise ConfigError(f"unknown {flag(f.name)} {value!r}; use one of {', '.join(choices)}")
 
 
-def check_minimums(cfg: CalibrationConfig) -> None:
+def check_minimums(cfg: Options) -> None:
     """Counts and sizes at least their field's minimum (0 or 1)."""
     for f in dataclasses.fields(cfg):
         low, value = f.metadata["minimum"], getattr(cfg, f.name)
@@ -288,9 +309,9 @@ def check_minimums(cfg: CalibrationConfig) -> None:
             raise ConfigError(f"{flag(f.name)} must be {bound}, got {value}")
 
 
-def check_memory_sizes(cfg: CalibrationConfig) -> None:
-    """--device-memory and --host-memory are read now, not when the plan is made after the data."""
-    for name in ("device_memory", "host_memory"):
+def check_memory_sizes(cfg: Options, names: tuple[str, ...] = ("device_memory", "host_memory")) -> None:
+    """Memory sizes (--device-memory, --host-memory) are read now, not when the plan is made after the data."""
+    for name in names:
         text = getattr(cfg, name)
         if text is None:
             continue

@@ -508,10 +508,11 @@ class BlockStream:
                 start += self.seq_len
             del pending[:start]
 
-    def too_few(self, available: int, needed: int, source: str, what: str = "") -> DataError:
-        """The error for a stream that ran out after `available` blocks."""
+    def too_few(self, available: int, needed: int, source: str, what: str = "",
+                advice: str = "lower --samples or --seq-len, or add text") -> DataError:
+        """The error for a stream that ran out after `available` blocks; `advice` names the fix."""
         return DataError(f"{source} gives {available} blocks of {self.seq_len} tokens{what} ({self.tokens} tokens), "
-                         f"but {needed} are needed; lower --samples or --seq-len, or add text")
+                         f"but {needed} are needed; {advice}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,12 @@ class HeldOutBlocks:
                 "given in memory): no block skipped")
 
 
-def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, run: dict | None) -> HeldOutBlocks:
+# The keys of a data record (data.block_record, healing's record) that list blocks a run used.
+USED_BLOCK_KEYS = ("statistics_blocks", "held_back_blocks", "training_blocks", "kl_blocks")
+
+
+def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, run: dict | list[dict] | None,
+                   advice: str | None = None) -> HeldOutBlocks:
     """The first `samples` blocks of `source` that share no token with a block the run used.
 
     Reads --data lazily, only as far as those blocks need. The run's blocks are compared as token ranges, so
@@ -52,20 +57,22 @@ def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, ru
         tokenizer: the tokenizer of the evaluated models.
         seq_len: tokens per evaluation block.
         samples: blocks wanted.
-        run: the data record of the run (the "nbl" section's "data", data.block_record), or None.
+        run: the data record of the run (the "nbl" section's "data", data.block_record), a list of records (a
+            healed folder has its calibration's and its healing's: data_records), or None.
+        advice: the fix a too-short --data message names (default: calibrate's and eval's options).
     Returns:
         The blocks, their stream indices, how --data relates to the run's, and how many blocks were skipped.
     Raises:
         DataError: --data is the run's data read by another tokenizer, or has too few unused blocks.
     """
-    relation, used = _run_blocks(source, tokenizer, run)
-    run_len = int(run["seq_len"]) if used else seq_len
+    records = [] if not run else [run] if isinstance(run, dict) else list(run)
+    relation, used = _run_blocks(source, tokenizer, records)  # used: (the record's seq_len, its block indices)
     stream = BlockStream(source.documents(), tokenizer, seq_len)
     chosen, indices, excluded = [], [], 0
     for j, block in enumerate(stream):
-        # Block j is tokens [j * seq_len, (j + 1) * seq_len): the run's blocks it touches, at their length.
-        touched = range(j * seq_len // run_len, ((j + 1) * seq_len - 1) // run_len + 1)
-        if any(i in used for i in touched):
+        # Block j is tokens [j * seq_len, (j + 1) * seq_len): the blocks of each record it touches, at their length.
+        if any(any(i in blocks for i in range(j * seq_len // n, ((j + 1) * seq_len - 1) // n + 1))
+               for n, blocks in used):
             excluded += 1
             continue
         chosen.append(block)
@@ -73,20 +80,27 @@ def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, ru
         if len(chosen) == samples:
             return HeldOutBlocks(torch.stack(chosen), indices, relation, excluded)
     raise stream.too_few(len(chosen), samples, f"--data {source.path!r}",
-                         f" besides the {excluded} the run used" if excluded else "")
+                         f" besides the {excluded} the run used" if excluded else "", *([advice] if advice else []))
 
 
-def _run_blocks(source: DataSource, tokenizer, run: dict | None) -> tuple[str, set[int]]:
-    """(how --data relates to the run's data, the block indices the run used in it)."""
-    if not run:
-        return UNRECORDED, set()
-    if run["fingerprint"] != source.fingerprint():
-        return OTHER_DATA, set()
-    if run["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+def data_records(nbl_section: dict) -> list[dict]:
+    """Every data record of an output folder's "nbl" section: its calibration's, and its healing's if healed."""
+    healing = nbl_section.get("healing") or {}
+    return [r for r in (nbl_section.get("data"), healing.get("data")) if r]
+
+
+def _run_blocks(source: DataSource, tokenizer, records: list[dict]) -> tuple[str, list[tuple[int, set[int]]]]:
+    """(how --data relates to the runs' data, [(seq_len, block indices used)] of each record of this data)."""
+    if not records:
+        return UNRECORDED, []
+    mine = [r for r in records if r["fingerprint"] == source.fingerprint()]
+    if not mine:
+        return OTHER_DATA, []
+    if any(r["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer) for r in mine):
         raise DataError(f"--data {source.path!r} is the calibration data, but the model's tokenizer is not the one "
                         "that cut it into the run's blocks, so those blocks cannot be found and skipped; evaluate "
                         "with the tokenizer of the calibrated model (the output folder holds a copy)")
-    return SAME_DATA, {*run["statistics_blocks"], *run["held_back_blocks"]}
+    return SAME_DATA, [(int(r["seq_len"]), {i for k in USED_BLOCK_KEYS for i in r.get(k, [])}) for r in mine]
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:

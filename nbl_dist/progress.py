@@ -32,15 +32,18 @@ class Progress:
         unit: what is counted ("tokens" prints its rate as tok/s).
         sink: also given every line's numbers.
         restarts: the run's actor restarts so far, shown on the line once there are any.
+        done: units already done before this phase started counting (a resumed run): the rate counts from here.
+        detail: more to say at the end of each line (a training step's loss).
     """
 
     def __init__(self, total: int, label: str = "streaming", every_s: float = 5.0, stream=None,
-                 unit: str = "tokens", sink: ProgressSink | None = None, restarts: Callable[[], int] | None = None):
+                 unit: str = "tokens", sink: ProgressSink | None = None, restarts: Callable[[], int] | None = None,
+                 done: int = 0, detail: Callable[[], str] | None = None):
         self.total, self.label, self.every_s, self.unit, self.sink = total, label, every_s, unit, sink
-        self.restarts = restarts
+        self.restarts, self.detail = restarts, detail
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.done = 0
+        self.done = self.start = done
         self.t0 = time.perf_counter()
         self._last = 0.0
 
@@ -53,7 +56,7 @@ class Progress:
 
     def _print(self, now: float) -> None:
         elapsed = max(now - self.t0, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.start) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
         line = (f"{self.label}: {self._amount()} ({pct:5.1f}%) {self._speed(rate)}, "
@@ -61,6 +64,8 @@ class Progress:
         restarts = self.restarts() if self.restarts else 0
         if restarts:
             line += f", {restarts} actor restart(s) so far"
+        if self.detail:
+            line += f", {self.detail()}"
         end = "\r" if self.tty and self.done < self.total else "\n"
         print(line, end=end, file=self.stream, flush=True)
         if self.sink:

@@ -26,8 +26,9 @@ def cluster_address(address: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
-def connect(address: str | None) -> bool:
-    """Join the cluster at `address` (or the one this process runs in), or start a local Ray in this process.
+def connect(address: str | None, dashboard: bool = False) -> bool:
+    """Join the cluster at `address` (or the one this process runs in), or start a local Ray in this process, with
+    its dashboard when asked (Ray Train's controller watches its actors through the dashboard's state API).
     Returns True if we started it."""
     import ray
 
@@ -40,7 +41,7 @@ def connect(address: str | None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address="local", include_dashboard=False)
+            ray.init(address="local", include_dashboard=dashboard)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise RayStartError(
             f"could not reach a Ray cluster at {source} {address!r}: {e}. Start one with `ray start --head` "
@@ -66,13 +67,14 @@ class RayCluster:
 
     Args:
         address: cluster to join, or None for a local Ray started here (and shut down by close()).
+        dashboard: start a local Ray with its dashboard (Ray Train needs its state API).
     """
 
-    def __init__(self, address: str | None):
+    def __init__(self, address: str | None, dashboard: bool = False):
         import ray
 
         self.ray = ray
-        self.started_ray = connect(address)
+        self.started_ray = connect(address, dashboard)
         self.pg = None
 
     def gpus(self) -> float:

@@ -62,11 +62,13 @@ class ShardModel:
         """(B, T) token ids -> (B, T, d) hidden states (first stage only)."""
         return self.embed_tokens(ids.to(self.device, torch.long))
 
-    def forward(self, h: torch.Tensor, replace: dict[int, nn.Module] | None = None) -> torch.Tensor:
-        """Run the shard's layers on h (B, T, d); a layer in `replace` runs that module instead."""
+    def forward(self, h: torch.Tensor, replace: dict[int, nn.Module] | None = None,
+                layers: range | None = None) -> torch.Tensor:
+        """Run the shard's layers on h (B, T, d); a layer in `replace` runs that module instead. Only `layers`
+        when given (a sub-range of the shard's: h is then the input of its first), else all of them."""
         pos = torch.arange(h.shape[1], device=self.device).unsqueeze(0)  # (1, T)
         cos_sin = self.rotary(h, pos)
-        for i in range(self.start, self.end):
+        for i in layers if layers is not None else range(self.start, self.end):
             if replace and i in replace:
                 h = replace[i](h)
             else:

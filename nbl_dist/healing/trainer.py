@@ -1,0 +1,130 @@
+"""Healer: the optimizer, schedule and step of healing on one worker, data parallel through torch.distributed when
+a process group is up (Ray Train's workers), the whole thing in this process when not (tests, debugging).
+
+A step: this worker's share of the global batch through HealModel, the loss's gradient into the trained maps
+(losses.head_loss_backward, divided by the global batch's positions), the gradients summed over the workers in
+one all-reduce, then AdamW. Every worker holds the same maps and optimizer state and applies the same update, so
+the result of W workers equals one worker's at the same global batch, up to float round-off. No Ray.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from nbl_dist.healing.losses import head_loss_backward, kl_sums
+from nbl_dist.healing.model import HealModel
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
+    """step -> multiplier of the peak learning rate: linear warm-up over warmup_steps, then cosine to 0, linear to 0
+    or constant."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1 - progress
+        return 1.0
+    return factor
+
+
+def world() -> tuple[int, int]:
+    """(this worker's rank, number of workers): (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Floats summed over the workers (float64; the values themselves without a process group)."""
+    if world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class Healer:
+    """Training state of one worker.
+
+    Args:
+        model: the HealModel (on this worker's device).
+        loss: "kl", "ce" or "kl+ce".
+        lr, weight_decay: AdamW's.
+        schedule, warmup_steps, total_steps: the learning-rate schedule (lr_factor).
+    """
+
+    def __init__(self, model: HealModel, *, loss: str, lr: float, weight_decay: float, schedule: str,
+                 warmup_steps: int, total_steps: int):
+        self.model, self.loss = model, loss
+        self.params = model.trainable_parameters()
+        self.device = self.params[0].device
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_factor(schedule, warmup_steps, total_steps))
+        self.step = 0
+        self.history: dict[str, list] = {"train": [], "heldout": []}
+
+    def train_step(self, ids: torch.Tensor, global_positions: int) -> dict:
+        """One optimizer step on this worker's blocks ids (b, T) of a global batch of `global_positions` predicted
+        positions. Returns the global batch's mean loss, kl and ce (kl: with a teacher) and the learning rate."""
+        self.optimizer.zero_grad(set_to_none=False)
+        student, teacher = self.model.forward(ids.to(self.device), teacher=self.loss != "ce")
+        sums = head_loss_backward(self.model.head, student, teacher, ids, self.loss, global_positions)
+        self._sum_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        keys = sorted(sums)
+        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
+        record = {"step": self.step, "lr": lr, **{k: v / global_positions for k, v in totals.items()}}
+        self.history["train"].append(record)
+        return record
+
+    def _sum_gradients(self) -> None:
+        """Every worker's gradients summed, in one all-reduce over a flat buffer (the maps are a few d x d)."""
+        if world()[1] == 1:
+            return
+        grads = [p.grad for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(summed)
+
+    @torch.no_grad()
+    def heldout(self, blocks: torch.Tensor, batch_size: int) -> dict:
+        """Mean KL divergence from the original and cross-entropy on held-out blocks (N, T), each worker taking
+        every W-th block, summed over the workers. Recorded in the history at the current step."""
+        rank, size = world()
+        sums = {"kl": 0.0, "ce": 0.0, "positions": 0}
+        mine = blocks[rank::size]
+        for start in range(0, mine.shape[0], batch_size):
+            ids = mine[start:start + batch_size].to(self.device)
+            student, teacher = self.model.forward(ids)
+            for k, v in kl_sums(self.model.head, student, teacher, ids).items():
+                sums[k] += v
+        kl, ce, n = all_reduce_sum([sums["kl"], sums["ce"], float(sums["positions"])], self.device)
+        record = {"step": self.step, "kl": kl / n, "ce": ce / n}
+        self.history["heldout"].append(record)
+        return record
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: the trained tensors, AdamW's moments, the schedule, the step, the
+        history."""
+        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]
