@@ -1,5 +1,5 @@
-"""Healing on Ray Train (nbl_dist/healing/ray_train.py), on a real local Ray: 2 workers (gloo) equal 1 worker at
-the same global batch; a worker killed mid-run, and a job stopped and submitted again, resume from the last
+"""Healing on Ray Train (nbl_dist/healing/ray_train.py), on a real local Ray: 2 workers (gloo) with one killed
+mid-run equal 1 worker at the same global batch; a job stopped and submitted again resumes from its last
 checkpoint to the undisturbed maps; `ray job submit ... jobs/heal.py` as the README types it."""
 
 import json
@@ -80,13 +80,6 @@ def test_one_worker_heals_and_records(setup, one_worker):
     assert not (healed.parent / ".one.heal").exists()  # the run's checkpoints are gone once the folder is written
 
 
-def test_two_workers_equal_one_worker(setup, one_worker):
-    src, out, data, root = setup
-    healed = root / "two"
-    heal_api(str(out), str(src), str(data), str(healed), workers=2, log=lambda *a: None, **STEPS)
-    print(f"2 workers vs 1: largest relative difference of the maps {assert_same_maps(maps(healed), maps(one_worker[0])):.1e}")
-
-
 def kill_a_worker_after_a_checkpoint(storage: Path, killed: list) -> None:
     """Wait until Ray Train has registered a checkpoint in `storage` (its checkpoint manager's snapshot names one),
     then SIGKILL the process of one live Ray Train worker actor."""
@@ -103,7 +96,10 @@ def kill_a_worker_after_a_checkpoint(storage: Path, killed: list) -> None:
         killed.append(workers[-1]["Pid"])
 
 
-def test_killed_worker_resumes_to_the_undisturbed_maps(setup, one_worker, capfd):
+def test_two_workers_one_killed_mid_run_equal_one_worker(setup, one_worker, capfd):
+    """2 workers (gloo) at the same global batch as the 1-worker run, one of them killed once Ray Train has
+    registered a checkpoint: the worker group restarts from that checkpoint (it says so) and ends with the maps of
+    the undisturbed 1-worker run. One run shows both, each Ray Train run costing some 15 s to start here."""
     src, out, data, root = setup
     healed, storage = root / "killed", root / "killed-storage"
     killed: list = []
@@ -113,9 +109,10 @@ def test_killed_worker_resumes_to_the_undisturbed_maps(setup, one_worker, capfd)
              **STEPS)
     killer.join()
     assert killed, "no worker was killed"
-    out = capfd.readouterr().out
-    assert "resumed from the checkpoint of step" in out, (killed, out[-3000:])
-    assert_same_maps(maps(healed), maps(one_worker[0]))
+    logs = capfd.readouterr().out
+    assert "resumed from the checkpoint of step" in logs, logs[-3000:]
+    worst = assert_same_maps(maps(healed), maps(one_worker[0]))
+    print(f"2 workers, one killed, vs 1 worker: largest relative difference of the maps {worst:.1e}")
 
 
 def free_port():

@@ -33,7 +33,7 @@ class HealConfig(Options):
     steps: int | None = option(None, minimum=1, group="budget", help="optimizer steps (instead of --tokens)")
     seq_len: int | None = option(None, minimum=2, help="tokens per block (default: the calibration's)")
     batch_size: int = option(4, minimum=1, help="blocks per optimizer step, over all workers (the global batch)")
-    lr: float = option(1e-3, minimum=0, help="peak learning rate (AdamW)")
+    lr: float = option(5e-5, minimum=0, help="peak learning rate (AdamW)")
     schedule: str = option("cosine", choices=SCHEDULES, help="learning-rate schedule after the warm-up")
     warmup: float = option(0.05, minimum=0, help="share of the steps that warm the learning rate up linearly")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (it pulls W towards 0: attention-drop)")

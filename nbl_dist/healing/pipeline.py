@@ -169,7 +169,7 @@ def heal(cfg: HealConfig, log: Callable[..., None] | None = None) -> dict:
         log(f"  blocks of --data: {len(blocks.train_indices)} to train, {len(blocks.kl_indices)} for the held-out "
             f"KL, {len(blocks.reserved_indices)} left for `nbl-dist eval`; {blocks.excluded} skipped (used by the "
             "calibration)")
-        storage = Path(cfg.storage) if cfg.storage else out.parent / f".{out.name}.heal"
+        storage = (Path(cfg.storage) if cfg.storage else out.parent / f".{out.name}.heal").resolve()  # Ray: absolute
         name = run_name(out, model_dir, baseline_dir, record, cfg, steps, seq_len)
         keys = map_keys(model_dir)
         loop = LoopConfig(

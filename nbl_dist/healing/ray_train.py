@@ -22,6 +22,9 @@ import torch
 from nbl_dist.healing.writer import MAPS_NAME
 
 STATE_NAME = "healer.pt"
+# Where a worker's progress lines go: its process's own stdout, which Ray forwards to the driver once. Ray Train's
+# print patch sends what is printed to sys.stdout both to that stream and to its logger, which Ray forwards too.
+WORKER_OUT = sys.__stdout__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +86,13 @@ def heal_loop(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             healer.load_state_dict(torch.load(Path(folder) / STATE_NAME, weights_only=False))
         if rank == 0:
-            print(f"healing: resumed from the checkpoint of step {healer.step}", flush=True)
+            print(f"healing: resumed from the checkpoint of step {healer.step}", file=WORKER_OUT, flush=True)
     kl_blocks, train_blocks = blocks["kl"], blocks["train"]
     if healer.step == 0:
         healer.heldout(kl_blocks, cfg.batch_size)  # before any step
     order = torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    progress = Progress(cfg.steps * tokens_per_step, label="healing", stream=sys.stdout,
+    progress = Progress(cfg.steps * tokens_per_step, label="healing", stream=WORKER_OUT,
                         done=healer.step * tokens_per_step, detail=lambda: detail(healer)) if rank == 0 \
         else (lambda tokens: None)
     positions = cfg.batch_size * (cfg.seq_len - 1)
