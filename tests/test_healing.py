@@ -261,3 +261,36 @@ def test_heal_options_refused_like_calibrates(tmp_path, capsys):
     assert "does not split evenly" in one_error_line(required + ["--batch-size", "3", "--workers", "2"], capsys)
     assert "--lora-rank" in one_error_line(required + ["--lora-alpha", "8"], capsys)
     assert "--baseline is required" in one_error_line(["heal", "--model", "m", "--data", "d", "--out", "o"], capsys)
+
+
+def test_memory_plan_holds_the_model_once_or_its_shard(make_model_dir):
+    """The plan's model bytes against the checkpoint's own tensors: once (teacher and student share them), or,
+    sharded over W workers, the embedding, head and norms whole, 1/W of every layer's attention and MLP, and two
+    whole layers' gathered; the trained maps with gradient and AdamW's moments; auto shards only what does not
+    fit, and a refusal names the knobs."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from nbl_dist.healing.plan import heal_plan
+
+    # 8 layers: over 2 workers a share of 4 plus 2 gathered is less than the whole (4 layers would be the same)
+    for src in (make_model_dir("llama", num_hidden_layers=8), make_model_dir("qwen3", num_hidden_layers=8)):
+        config = AutoConfig.from_pretrained(src)
+        tensors = load_file(str(src / "model.safetensors"))
+        total = sum(t.numel() for t in tensors.values())
+        per_layer = [sum(t.numel() for k, t in tensors.items() if k.startswith(f"model.layers.{i}.self_attn.")
+                         or k.startswith(f"model.layers.{i}.mlp.")) for i in range(config.num_hidden_layers)]
+        d = config.hidden_size
+        whole = heal_plan(config, LAYERS, 4, 2, 16, None, None)
+        assert whole.weights == 4 * total and not whole.sharded
+        assert whole.maps == len(LAYERS) * 4 * 4 * (d * d + d)  # W, b; their gradients; AdamW's two moments
+        budget = whole.total - 1  # the whole model does not fit
+        sharded = heal_plan(config, LAYERS, 4, 2, 16, None, 10 * budget, "test", workers=2, shard="auto")
+        assert not sharded.sharded  # it fits whole: nothing sharded
+        sharded = heal_plan(config, LAYERS, 4, 2, 16, None, budget, "test", workers=2, shard="auto")
+        want = total - sum(per_layer) + -(-sum(per_layer) // 2) + 2 * max(per_layer)
+        assert sharded.sharded and sharded.weights == 4 * want and sharded.fits
+        refused = heal_plan(config, LAYERS, 4, 2, 16, None, budget, "test", workers=2, shard="off")
+        assert not refused.fits and "--shard-weights on" in refused.refusal() and "--batch-size" in refused.refusal()
+        alone = heal_plan(config, LAYERS, 4, 2, 16, None, budget, "test", workers=1, shard="auto")
+        assert not alone.sharded and "raise --workers" in alone.refusal()

@@ -1,6 +1,7 @@
-"""Healing on Ray Train (nbl_dist/healing/ray_train.py), on a real local Ray: 2 workers (gloo) with one killed
-mid-run equal 1 worker at the same global batch; a job stopped and submitted again resumes from its last
-checkpoint to the undisturbed maps; `ray job submit ... jobs/heal.py` as the README types it."""
+"""Healing on Ray Train (nbl_dist/healing/ray_train.py), on a real local Ray: 2 workers (gloo), the frozen layers
+sharded over them (FSDP2) and one killed mid-run, equal 1 worker at the same global batch; `ray job submit ...
+jobs/heal.py` with 2 workers, as the README types it, stopped and submitted again, resumes from its last checkpoint
+to the undisturbed maps; a plan that does not fit is refused before the workers start."""
 
 import json
 import os
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAME_MAPS_RTOL = 1e-5
 # Four checkpoints (each report takes about a second here): a worker can be killed, or the job stopped, after the
 # first is registered and well before the end.
-STEPS = dict(steps=20, batch_size=4, seq_len=32, reserve_eval=2, kl_samples=2, checkpoint_every=5, eval_every=5,
+STEPS = dict(steps=20, batch_size=4, seq_len=32, reserve_eval=2, kl_samples=9, checkpoint_every=5, eval_every=5,
              lr=1e-3, schedule="constant", device="cpu")
 
 
@@ -80,6 +81,20 @@ def test_one_worker_heals_and_records(setup, one_worker):
     assert not (healed.parent / ".one.heal").exists()  # the run's checkpoints are gone once the folder is written
 
 
+def test_plan_that_does_not_fit_is_refused_naming_the_knobs(setup, local_ray, capsys):
+    """--device-memory below the plan: one `nbl-dist: error:` line with the plan and the knobs, no worker started."""
+    from nbl_dist.cli import main
+
+    src, out, data, root = setup
+    argv = ["heal", "--model", str(out), "--baseline", str(src), "--data", str(data), "--out", str(root / "no"),
+            "--steps", "2", "--seq-len", "32", "--device", "cpu", "--device-memory", "64KiB"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nbl-dist: error: ")]
+    assert len(err) == 1 and "does not fit one worker" in err[0] and "--batch-size" in err[0], err
+    assert not (root / "no").exists() and not (root / ".no.heal").exists()
+
+
 def kill_a_worker_after_a_checkpoint(storage: Path, killed: list) -> None:
     """Wait until Ray Train has registered a checkpoint in `storage` (its checkpoint manager's snapshot names one),
     then SIGKILL the process of one live Ray Train worker actor."""
@@ -96,19 +111,22 @@ def kill_a_worker_after_a_checkpoint(storage: Path, killed: list) -> None:
         killed.append(workers[-1]["Pid"])
 
 
-def test_two_workers_one_killed_mid_run_equal_one_worker(setup, one_worker, capfd):
-    """2 workers (gloo) at the same global batch as the 1-worker run, one of them killed once Ray Train has
-    registered a checkpoint: the worker group restarts from that checkpoint (it says so) and ends with the maps of
-    the undisturbed 1-worker run. One run shows both, each Ray Train run costing some 15 s to start here."""
+def test_two_sharded_workers_one_killed_mid_run_equal_one_worker(setup, one_worker, capfd):
+    """2 workers (gloo) at the same global batch as the 1-worker run, the frozen layers sharded over them (FSDP2),
+    one of them killed once Ray Train has registered a checkpoint: the worker group restarts from that checkpoint
+    (it says so) and ends with the maps of the undisturbed 1-worker run. One run shows all three, each Ray Train
+    run costing some 15 s to start here; 2 workers without sharding are the job test's."""
     src, out, data, root = setup
     healed, storage = root / "killed", root / "killed-storage"
     killed: list = []
     killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, args=(storage, killed))
     killer.start()
-    heal_api(str(out), str(src), str(data), str(healed), workers=2, storage=str(storage), log=lambda *a: None,
-             **STEPS)
+    lines = []
+    heal_api(str(out), str(src), str(data), str(healed), workers=2, shard_weights="on", storage=str(storage),
+             log=lines.append, **STEPS)
     killer.join()
     assert killed, "no worker was killed"
+    assert "frozen layers sharded over them (FSDP2)" in lines[0] and "sharded over 2 workers" in lines[1], lines
     logs = capfd.readouterr().out
     assert "resumed from the checkpoint of step" in logs, logs[-3000:]
     worst = assert_same_maps(maps(healed), maps(one_worker[0]))
@@ -124,7 +142,7 @@ def free_port():
 
 
 def test_job_submit_stopped_and_submitted_again_resumes(setup, one_worker, tmp_path):
-    """`ray job submit ... jobs/heal.py` on a `ray start` head; the job is stopped once a checkpoint is written
+    """`ray job submit ... jobs/heal.py` with 2 workers on a `ray start` head; the job is stopped once a checkpoint is written
     (the driver gone), the same command submitted again continues from that checkpoint and ends with the maps of
     the undisturbed run."""
     import ray
@@ -147,7 +165,7 @@ def test_job_submit_stopped_and_submitted_again_resumes(setup, one_worker, tmp_p
     options = [f"--{k.replace('_', '-')}={v}" for k, v in STEPS.items()]
     submit = [str(venv / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--no-wait",
               "--", "python", "jobs/heal.py", "--model", str(out), "--baseline", str(src), "--data", str(data),
-              "--out", str(healed), "--workers", "1", *options]
+              "--out", str(healed), "--workers", "2", *options]
     try:
         first = submitted(submit, env)
         storage = healed.parent / f".{healed.name}.heal"

@@ -14,9 +14,10 @@ from nbl_dist.errors import ConfigError
 
 LOSSES = ("kl", "ce", "kl+ce")
 SCHEDULES = ("cosine", "linear", "constant")
-# The default budget, in training tokens: SmolLM2-135M with K = 8 heals in about 25 minutes on the 2-CPU
+SHARDING = ("auto", "on", "off")
+# The default budget, in training tokens: SmolLM2-135M with K = 8 heals in about 22 minutes on the 2-CPU
 # development machine at this budget (benchmarks/RESULTS.md, healing).
-DEFAULT_TOKENS = 163_840
+DEFAULT_TOKENS = 262_144
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ class HealConfig(Options):
     steps: int | None = option(None, minimum=1, group="budget", help="optimizer steps (instead of --tokens)")
     seq_len: int | None = option(None, minimum=2, help="tokens per block (default: the calibration's)")
     batch_size: int = option(4, minimum=1, help="blocks per optimizer step, over all workers (the global batch)")
-    lr: float = option(5e-5, minimum=0, help="peak learning rate (AdamW)")
+    lr: float = option(6e-5, minimum=0, help="peak learning rate (AdamW)")
     schedule: str = option("cosine", choices=SCHEDULES, help="learning-rate schedule after the warm-up")
     warmup: float = option(0.05, minimum=0, help="share of the steps that warm the learning rate up linearly")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (it pulls W towards 0: attention-drop)")
@@ -54,6 +55,10 @@ class HealConfig(Options):
     workers: int = option(1, minimum=1, help="Ray Train workers (data parallel; one GPU each on a GPU cluster)")
     cpus_per_worker: float | None = option(None, minimum=0, help="CPUs per worker (default: the machine's CPUs "
                                                                  "over the workers on CPU, 1 on GPUs)")
+    shard_weights: str = option("auto", choices=SHARDING,
+                                help="shard the frozen decoder layers over the workers with FSDP2, each holding 1/W "
+                                     "of them and gathering a layer while it runs (auto: when one worker cannot "
+                                     "hold the whole model and there are several)")
     device: str = option("auto", choices=DEVICES, help="the workers' device (auto: one GPU per worker when the "
                                                       "cluster has GPUs, else CPU)")
     dtype: str = option("auto", choices=DTYPES, help="the frozen weights' dtype (auto: float32 on CPU, the "
@@ -81,6 +86,9 @@ class HealConfig(Options):
         if self.batch_size % self.workers:
             raise ConfigError(f"--batch-size {self.batch_size} (the global batch) does not split evenly over "
                               f"--workers {self.workers}: make it a multiple of the workers")
+        if self.shard_weights == "on" and self.workers < 2:
+            raise ConfigError("--shard-weights on splits the frozen weights over the workers: give --workers 2 or "
+                              "more, or drop it")
         if self.warmup >= 1:
             raise ConfigError(f"--warmup is a share of the steps, below 1; got {self.warmup}")
 

@@ -6,6 +6,11 @@ in memory once. Both are the same up to the first linearized layer, so that pref
 a graph; from there the teacher runs the original layers (no graph) and the student the linearized ones (a graph
 through the trained maps only: every other parameter is frozen). The model is the baseline's ShardModel over every
 layer, read from its safetensors files; the maps start from the output folder's fit. Plain torch, no Ray.
+
+Sharded (a device mesh given: Ray Train's workers, when one cannot hold the model), each layer's attention and MLP
+are split over the workers by FSDP2 (fully_shard) as soon as that layer is read, so no worker ever holds more than
+its share and one whole layer; a module's call gathers it (teacher and student alike) and frees it after, and the
+backward pass gathers it again. Every worker then has to make the same calls in the same order (Healer.heldout).
 """
 
 from __future__ import annotations
@@ -58,6 +63,23 @@ class TrainableMap(nn.Module):
         return F.linear(h.to(w.dtype), w, b).to(h.dtype)
 
 
+def sharded_shard_model(baseline_dir: str, n_layers: int, dtype: torch.dtype, device: torch.device,
+                        mesh) -> ShardModel:
+    """A ShardModel over every layer whose attention and MLP modules are FSDP2-sharded over `mesh`, read one layer
+    at a time (each sharded before the next is read): the embedding and norms stay whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = ShardModel(baseline_dir, 0, 0, embed=True, dtype=dtype, device=device)
+    for i in range(n_layers):
+        layer = ShardModel(baseline_dir, i, i + 1, embed=False, dtype=dtype, device=device).layers[i]
+        for module in (model.adapter.attention(layer), model.adapter.kept_blocks(layer)[1]):
+            module.requires_grad_(False)
+            fully_shard(module, mesh=mesh)
+        model.layers[i] = layer
+    model.end = n_layers
+    return model
+
+
 class HealModel:
     """The baseline's layers (teacher), the K maps (student), the shared embedding, final norm and head.
 
@@ -68,14 +90,20 @@ class HealModel:
         dtype, device: the frozen weights' dtype and the device.
         lora_rank, lora_alpha: train a rank-r update of each W instead of W and b.
         seed: LoRA's initialisation (the same on every worker).
+        mesh: a 1-D torch DeviceMesh over the workers to shard the frozen layers over (FSDP2), or None.
     """
 
     def __init__(self, baseline_dir: str | Path, model_dir: str | Path, layers: list[int], dtype: torch.dtype,
-                 device: torch.device, lora_rank: int | None = None, lora_alpha: float | None = None, seed: int = 0):
+                 device: torch.device, lora_rank: int | None = None, lora_alpha: float | None = None, seed: int = 0,
+                 mesh=None):
         from transformers import AutoConfig
 
         n_layers = AutoConfig.from_pretrained(baseline_dir).num_hidden_layers
-        self.shard = ShardModel(str(baseline_dir), 0, n_layers, embed=True, dtype=dtype, device=device)
+        self.sharded = mesh is not None
+        if mesh is None:
+            self.shard = ShardModel(str(baseline_dir), 0, n_layers, embed=True, dtype=dtype, device=device)
+        else:
+            self.shard = sharded_shard_model(str(baseline_dir), n_layers, dtype, device, mesh)
         self.shard.load_head(str(baseline_dir))
         for module in (*self.shard.layers.values(), self.shard.embed_tokens, self.shard.final_norm,
                        self.shard.lm_head):

@@ -157,10 +157,11 @@ def heal(cfg: HealConfig, log: Callable[..., None] | None = None) -> dict:
             budget, source = cluster.memory_per_actor(cfg.workers, cpus), "node memory over the workers"
         dtype = resolve_dtype(cfg.dtype, hf, device)
         plan = heal_plan(hf, layers, torch.empty((), dtype=dtype).element_size(), cfg.batch_size // cfg.workers,
-                         seq_len, cfg.lora_rank, budget, source)
+                         seq_len, cfg.lora_rank, budget, source, cfg.workers, cfg.shard_weights)
         log(f"healing layers {layers} of {cfg.model} toward {cfg.baseline}: {steps} steps of {cfg.batch_size} x "
             f"{seq_len} tokens ({steps * cfg.batch_size * seq_len:,} tokens), loss {cfg.loss}, "
-            f"{'LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else 'W and b'}, {cfg.workers} worker(s) on {device}")
+            f"{'LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else 'W and b'}, {cfg.workers} worker(s) on {device}"
+            f"{', frozen layers sharded over them (FSDP2)' if plan.sharded else ''}")
         log(f"  {plan.describe()}")
         if not plan.fits:
             from nbl_dist.errors import PlanError
@@ -179,6 +180,7 @@ def heal(cfg: HealConfig, log: Callable[..., None] | None = None) -> dict:
             schedule=cfg.schedule, warmup_steps=round(cfg.warmup * steps), steps=steps, batch_size=cfg.batch_size,
             seq_len=seq_len, eval_every=cfg.eval_every or max(1, steps // 10), checkpoint_every=cfg.checkpoint_every,
             lora_rank=cfg.lora_rank, lora_alpha=cfg.alpha, seed=cfg.seed, threads=None if gpu else int(max(1, cpus)),
+            shard_weights=plan.sharded,
             blocks=cluster.ray.put({"train": blocks.train, "kl": blocks.kl}))
         log(f"  Ray Train run {name!r} in {storage} (a rerun of this command resumes it)")
         t_train = time.perf_counter()

@@ -50,6 +50,7 @@ class LoopConfig:
     lora_alpha: float | None
     seed: int
     threads: int | None
+    shard_weights: bool  # FSDP2 over the workers (HealModel's mesh)
     blocks: object  # ray.ObjectRef of {"train": (N, T), "kl": (M, T)} int64 tensors
 
 
@@ -77,8 +78,13 @@ def heal_loop(config: dict) -> None:
     rank, workers = world()
     device = ray.train.torch.get_device()
     blocks = ray.get(cfg.blocks)
+    mesh = None
+    if cfg.shard_weights and workers > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (workers,))
     model = HealModel(cfg.baseline, cfg.model, cfg.layers, torch_dtype(cfg.dtype), device, cfg.lora_rank,
-                      cfg.lora_alpha, cfg.seed)
+                      cfg.lora_alpha, cfg.seed, mesh=mesh)
     healer = Healer(model, loss=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                     warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     checkpoint = ray.train.get_checkpoint()

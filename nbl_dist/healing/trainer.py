@@ -105,11 +105,17 @@ class Healer:
         rank, size = world()
         sums = {"kl": 0.0, "ce": 0.0, "positions": 0}
         mine = blocks[rank::size]
-        for start in range(0, mine.shape[0], batch_size):
-            ids = mine[start:start + batch_size].to(self.device)
+        # Sharded, every worker gathers each layer with the others: all make as many forward calls as the worker
+        # with the most blocks, one with fewer repeating a block and dropping its sums.
+        calls = math.ceil(blocks[0::size].shape[0] / batch_size) if self.model.sharded else \
+            math.ceil(mine.shape[0] / batch_size)
+        for call in range(calls):
+            ids = mine[call * batch_size:(call + 1) * batch_size]
+            counted = ids.shape[0] > 0
+            ids = (ids if counted else blocks[:1]).to(self.device)
             student, teacher = self.model.forward(ids)
             for k, v in kl_sums(self.model.head, student, teacher, ids).items():
-                sums[k] += v
+                sums[k] += v if counted else 0
         kl, ce, n = all_reduce_sum([sums["kl"], sums["ce"], float(sums["positions"])], self.device)
         record = {"step": self.step, "kl": kl / n, "ce": ce / n}
         self.history["heldout"].append(record)
