@@ -2,7 +2,8 @@
 linearized under the default rule, with the kl loss (the default), the ce loss and LoRA rank 32 (kl), each with its
 tokens and wall time; the held-out KL curves as a plot.
 
-    .venv/bin/python benchmarks/heal.py [--ks 4 8 12] [--variants kl ce lora32] [--tokens N] [--eval-blocks 16]
+    .venv/bin/python benchmarks/heal.py [--ks 4 8 12] [--variants kl ce lora32] [--tokens N] [--eval-blocks 16] \
+        [--out runs/heal]
 
 The NBL folders are the demo's calibration (benchmarks/common.py default_rule_folder, shared with serve_vllm.py);
 healing trains on the calibration plays' blocks after the ones the calibration recorded and the 32 left for eval
@@ -14,6 +15,7 @@ documentation that ships with the standard library: the sets of benchmarks/selec
 import argparse
 import json
 import time
+from pathlib import Path
 
 import common  # noqa: F401  (the repository importable, offline)
 
@@ -63,7 +65,10 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["kl", "ce", "lora32"], choices=sorted(VARIANTS))
     ap.add_argument("--tokens", type=int, help="training tokens of every run (default: heal's default budget)")
     ap.add_argument("--eval-blocks", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=OUT, help="healed folders, results.json (runs of the same folder "
+                    "accumulate) and kl_curves.png")
     a = ap.parse_args()
+    out_root = a.out
     from transformers import AutoTokenizer
 
     from nbl_dist.healing.pipeline import heal_api
@@ -71,7 +76,7 @@ def main():
     model_dir, calib, held = common.smollm2_and_plays()
     tok = AutoTokenizer.from_pretrained(model_dir)
     sets = {"plays": load_blocks(held, tok, a.eval_blocks, 256), "pydoc": pydoc_blocks(tok, a.eval_blocks, 256)}
-    results_path = OUT / "results.json"
+    results_path = out_root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["original"] = perplexities(model_dir, sets)
     print(f"original: plays {results['original']['plays']:.2f}, pydoc {results['original']['pydoc']:.2f}",
@@ -82,7 +87,7 @@ def main():
         row["nbl"] = perplexities(folder, sets)
         row["layers"] = json.loads((folder / "config.json").read_text())["nbl"]["linearized_layers"]
         for variant in a.variants:
-            out = OUT / f"k{k}-{variant}"
+            out = out_root / f"k{k}-{variant}"
             t0 = time.perf_counter()
             report = heal_api(str(folder), str(model_dir), str(calib), str(out), overwrite=True,
                               **({"tokens": a.tokens} if a.tokens else {}), **VARIANTS[variant])
@@ -97,7 +102,7 @@ def main():
             print(f"K = {k} {variant}: plays {row['nbl']['plays']:.2f} -> {r['ppl']['plays']:.2f}, pydoc "
                   f"{row['nbl']['pydoc']:.2f} -> {r['ppl']['pydoc']:.2f}; {r['tokens']:,} tokens in {wall:.0f} s",
                   flush=True)
-            OUT.mkdir(parents=True, exist_ok=True)
+            out_root.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(results, indent=2))
     orig = results["original"]
     print(f"\nheld-out perplexity, other plays / pydoc (original {orig['plays']:.2f} / {orig['pydoc']:.2f}); share "
@@ -113,8 +118,9 @@ def main():
                   f"{closed(row['nbl']['plays'], r['ppl']['plays'], orig['plays']):6.1%} / "
                   f"{closed(row['nbl']['pydoc'], r['ppl']['pydoc'], orig['pydoc']):6.1%}   held-out KL "
                   f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}   {r['tokens']:,} tokens, {r['wall_s']:.0f} s")
-    plot({f"K={k} {v}": results[str(k)][v]["curve"] for k in a.ks for v in a.variants}, OUT / "kl_curves.png")
-    print(f"\nwrote {results_path} and {OUT / 'kl_curves.png'}")
+    plot({f"K={k} {v}": results[str(k)][v]["curve"] for k in sorted(int(x) for x in results if x != "original")
+          for v in VARIANTS if v in results[str(k)]}, out_root / "kl_curves.png")  # this run's and earlier runs
+    print(f"\nwrote {results_path} and {out_root / 'kl_curves.png'}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ray job entry point: the same options as `nbl-dist heal`, plus --config FILE.yaml.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/heal.py --config jobs/configs/heal-smollm2.yaml
+        python jobs/heal.py --config jobs/configs/heal/smollm2.yaml
 
 Inside a job it joins the cluster the job runs on (Ray sets RAY_ADDRESS for the entry point) and runs the Ray
 Train workers there. Submitting the same job again after it was stopped resumes from its last checkpoint. Errors go
