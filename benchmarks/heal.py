@@ -48,13 +48,17 @@ def plot(curves: dict[str, list[dict]], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, points in curves.items():
-        ax.plot([p["tokens"] for p in points], [p["kl"] for p in points], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors, styles = {}, {"kl": "-", "ce": ":", "kl+ce": "-.", "lora32": "--"}
+    for name, points in curves.items():  # name: "K=<k> <variant>"; a colour per K, a line style per variant
+        k, variant = name.split()
+        color = colors.setdefault(k, f"C{len(colors)}")
+        ax.plot([p["tokens"] for p in points], [p["kl"] for p in points], marker="o", markersize=3, color=color,
+                linestyle=styles.get(variant, "-"), label=name)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out KL from the original (nats/token)")
     ax.set_title("SmolLM2-135M: healing the linearized layers' maps")
-    ax.legend()
+    ax.legend(fontsize="small", ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
