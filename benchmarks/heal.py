@@ -72,7 +72,6 @@ def main():
     ap.add_argument("--out", type=Path, default=OUT, help="healed folders, results.json (runs of the same folder "
                     "accumulate) and kl_curves.png")
     a = ap.parse_args()
-    out_root = a.out
     from transformers import AutoTokenizer
 
     from nbl_dist.healing.pipeline import heal_api
@@ -80,7 +79,7 @@ def main():
     model_dir, calib, held = common.smollm2_and_plays()
     tok = AutoTokenizer.from_pretrained(model_dir)
     sets = {"plays": load_blocks(held, tok, a.eval_blocks, 256), "pydoc": pydoc_blocks(tok, a.eval_blocks, 256)}
-    results_path = out_root / "results.json"
+    results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["original"] = perplexities(model_dir, sets)
     print(f"original: plays {results['original']['plays']:.2f}, pydoc {results['original']['pydoc']:.2f}",
@@ -91,7 +90,7 @@ def main():
         row["nbl"] = perplexities(folder, sets)
         row["layers"] = json.loads((folder / "config.json").read_text())["nbl"]["linearized_layers"]
         for variant in a.variants:
-            out = out_root / f"k{k}-{variant}"
+            out = a.out / f"k{k}-{variant}"
             t0 = time.perf_counter()
             report = heal_api(str(folder), str(model_dir), str(calib), str(out), overwrite=True,
                               **({"tokens": a.tokens} if a.tokens else {}), **VARIANTS[variant])
@@ -106,7 +105,7 @@ def main():
             print(f"K = {k} {variant}: plays {row['nbl']['plays']:.2f} -> {r['ppl']['plays']:.2f}, pydoc "
                   f"{row['nbl']['pydoc']:.2f} -> {r['ppl']['pydoc']:.2f}; {r['tokens']:,} tokens in {wall:.0f} s",
                   flush=True)
-            out_root.mkdir(parents=True, exist_ok=True)
+            a.out.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(results, indent=2))
     orig = results["original"]
     print(f"\nheld-out perplexity, other plays / pydoc (original {orig['plays']:.2f} / {orig['pydoc']:.2f}); share "
@@ -123,8 +122,8 @@ def main():
                   f"{closed(row['nbl']['pydoc'], r['ppl']['pydoc'], orig['pydoc']):6.1%}   held-out KL "
                   f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}   {r['tokens']:,} tokens, {r['wall_s']:.0f} s")
     plot({f"K={k} {v}": results[str(k)][v]["curve"] for k in sorted(int(x) for x in results if x != "original")
-          for v in VARIANTS if v in results[str(k)]}, out_root / "kl_curves.png")  # this run's and earlier runs
-    print(f"\nwrote {results_path} and {out_root / 'kl_curves.png'}")
+          for v in VARIANTS if v in results[str(k)]}, a.out / "kl_curves.png")  # this run's and earlier runs
+    print(f"\nwrote {results_path} and {a.out / 'kl_curves.png'}")
 
 
 if __name__ == "__main__":

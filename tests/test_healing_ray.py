@@ -147,9 +147,9 @@ def free_port():
 
 
 def test_job_submit_stopped_and_submitted_again_resumes(setup, one_worker, tmp_path):
-    """`ray job submit ... jobs/heal.py` with 2 workers on a `ray start` head; the job is stopped once a checkpoint is written
-    (the driver gone), the same command submitted again continues from that checkpoint and ends with the maps of
-    the undisturbed run."""
+    """`ray job submit ... jobs/heal.py` with 2 workers on a `ray start` head; the job is stopped once a checkpoint
+    is written (the driver gone), the same command submitted again continues from that checkpoint and ends with the
+    maps of the undisturbed 1-worker run."""
     import ray
 
     if ray.is_initialized():

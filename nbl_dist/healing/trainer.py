@@ -107,8 +107,7 @@ class Healer:
         mine = blocks[rank::size]
         # Sharded, every worker gathers each layer with the others: all make as many forward calls as the worker
         # with the most blocks, one with fewer repeating a block and dropping its sums.
-        calls = math.ceil(blocks[0::size].shape[0] / batch_size) if self.model.sharded else \
-            math.ceil(mine.shape[0] / batch_size)
+        calls = math.ceil((blocks[0::size] if self.model.sharded else mine).shape[0] / batch_size)
         for call in range(calls):
             ids = mine[call * batch_size:(call + 1) * batch_size]
             counted = ids.shape[0] > 0
