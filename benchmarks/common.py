@@ -16,8 +16,8 @@ for key, value in (("RAY_AUTH_MODE", "disabled"), ("HF_HUB_OFFLINE", "1"), ("HF_
 def smollm2_and_plays():
     """(SmolLM2-135M checkpoint folder, calibration plays folder, held-out plays folder): the demo's model and
     text, converted and split once into runs/."""
-    from nbl_dist.convert import convert_gguf, smollm2_gguf
-    from nbl_dist.corpora import shakespeare_split
+    from nbl_dist.artifact.convert import convert_gguf, smollm2_gguf
+    from nbl_dist.data.corpora import shakespeare_split
 
     runs = REPO / "runs"
     return convert_gguf(smollm2_gguf(), runs / "smollm2-135m"), *shakespeare_split(runs / "shakespeare")

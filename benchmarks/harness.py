@@ -11,8 +11,8 @@ from pathlib import Path
 
 from common import REPO
 
-from nbl_dist.evaluate import harness_eval
-from nbl_dist.linearized import load_linearized
+from nbl_dist.artifact.loading import load_linearized
+from nbl_dist.evaluation.harness import harness_eval
 from tests.helpers import write_task
 
 

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (the repository importable, offline)
-
 import torch
 
-from nbl_dist.corpora import pydoc_blocks
-from nbl_dist.data import load_blocks
-from nbl_dist.evaluate import perplexity
+from nbl_dist.data.blocks import load_blocks
+from nbl_dist.data.corpora import pydoc_blocks
+from nbl_dist.evaluation.perplexity import perplexity
 
 OUT = common.REPO / "runs" / "heal"
 VARIANTS = {"kl": {"loss": "kl"}, "ce": {"loss": "ce"}, "kl+ce": {"loss": "kl+ce"},

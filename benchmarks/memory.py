@@ -9,12 +9,13 @@ The model (about 3.2 GB of float32 weights) is written to runs/bench-memory/ onc
 import argparse
 import time
 
+import torch
 from common import REPO
 
-import torch
-
-from nbl_dist import calibrate, synthetic
-from nbl_dist.plan import check_memory, fmt_bytes, parse_bytes
+from nbl_dist import calibrate
+from nbl_dist.calibration.plan import check_memory
+from nbl_dist.model import synthetic
+from nbl_dist.runtime.resources import fmt_bytes, parse_bytes
 
 
 def main():

@@ -10,13 +10,13 @@ import argparse
 import statistics
 import time
 
+import torch
 from common import REPO
 
-import torch
-
-from nbl_dist import synthetic
-from nbl_dist.plan import make_plan
-from nbl_dist.ray_backend import RayBackend, RayShardWorker
+from nbl_dist.calibration.plan import make_plan
+from nbl_dist.calibration.ray.actors import RayShardWorker
+from nbl_dist.calibration.ray.backend import RayBackend
+from nbl_dist.model import synthetic
 
 
 class WholeShardWorker(RayShardWorker):

@@ -13,11 +13,11 @@ import statistics
 import sys
 import time
 
+import torch
 from common import REPO
 
-import torch
-
-from nbl_dist import calibrate, synthetic
+from nbl_dist import calibrate
+from nbl_dist.model import synthetic
 
 TARGET = 1.15  # the bound on Ray-at-1-stage / in-process wall time
 DEFAULT_TOKENS = 128 * 2048  # nbl-dist's default calibration size (--samples 128 --seq-len 2048)

@@ -86,8 +86,8 @@ def run_nbl(d: int, tokens: int) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from nbl_dist.linalg import cca_bound, lmmse_fit
-    from nbl_dist.stats import LayerStats
+    from nbl_dist.core.linalg import cca_bound, lmmse_fit
+    from nbl_dist.core.stats import LayerStats
 
     torch.zeros(1) @ torch.zeros(1)  # load BLAS before measuring
     base = rss()

@@ -16,16 +16,21 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from common import REPO, smollm2_and_plays
 
-import torch
-
-from nbl_dist.corpora import pydoc_blocks
-from nbl_dist.data import load_blocks
-from nbl_dist.evaluate import next_token_loss, perplexity
-from nbl_dist.linearized import linearized_in_place, zero_fits
-from nbl_dist.local import InProcessBackend
-from nbl_dist.selection import STATISTIC_RULES, choose_set, fits_needed, select_layers
+from nbl_dist.calibration.local import InProcessBackend
+from nbl_dist.core.losses import next_token_loss
+from nbl_dist.core.selection import (
+    STATISTIC_RULES,
+    choose_set,
+    fits_needed,
+    select_layers,
+)
+from nbl_dist.data.blocks import load_blocks
+from nbl_dist.data.corpora import pydoc_blocks
+from nbl_dist.evaluation.perplexity import perplexity
+from nbl_dist.model.surgery import linearized_in_place, zero_fits
 
 COLUMNS = (*STATISTIC_RULES, "loss", "auto", "greedy", "attn-drop")
 

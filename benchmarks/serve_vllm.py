@@ -27,7 +27,6 @@ import statistics
 import time
 
 import common  # noqa: F401  (the repository importable, offline)
-
 import torch
 
 KV_SPACE_GIB = 2
@@ -41,7 +40,7 @@ OUT = common.REPO / "runs" / "serve_vllm"
 def machine_rates(threads: int) -> tuple[float, float]:
     """(float32 matmul FLOP/s, memory bandwidth in bytes/s) with `threads` threads: the best of a few 1024^3
     products, and of copies of a 256 MiB tensor (a read and a write per byte)."""
-    from nbl_dist.throughput import best_seconds, torch_threads
+    from nbl_dist.calibration.throughput import best_seconds, torch_threads
 
     with torch_threads(threads):
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -102,7 +101,7 @@ def main():
     a = ap.parse_args()
     from transformers import AutoConfig, AutoTokenizer
 
-    from nbl_dist.data import token_stream
+    from nbl_dist.data.blocks import token_stream
     from nbl_dist.serving.cost_model import DecoderShape, kv_capacity_ratio
     from nbl_dist.serving.engine import kv_capacity_tokens
 

@@ -17,20 +17,20 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from common import REPO, smollm2_and_plays
 
-import torch
-
-from nbl_dist import stats as stats_mod
-from nbl_dist import synthetic, throughput
-from nbl_dist.arch import adapter_for
-from nbl_dist.capture import capture_stats
-from nbl_dist.data import load_blocks
-from nbl_dist.evaluate import perplexity
-from nbl_dist.linalg import layer_scores, lmmse_fit
-from nbl_dist.linearized import apply_linearization
-from nbl_dist.selection import select_layers
-from nbl_dist.stats import PRECISIONS, LayerStats
+from nbl_dist.calibration import throughput
+from nbl_dist.core import stats as stats_mod
+from nbl_dist.core.capture import capture_stats
+from nbl_dist.core.linalg import layer_scores, lmmse_fit
+from nbl_dist.core.selection import select_layers
+from nbl_dist.core.stats import PRECISIONS, LayerStats
+from nbl_dist.data.blocks import load_blocks
+from nbl_dist.evaluation.perplexity import perplexity
+from nbl_dist.model import synthetic
+from nbl_dist.model.arch import adapter_for
+from nbl_dist.model.surgery import apply_linearization
 
 REFERENCE = "float64"
 
@@ -61,9 +61,9 @@ def stream_all(model, blocks: torch.Tensor, batch_size: int) -> dict[str, dict[i
     ref = {i: Float64Grams(d) for i in layers}
     per = {p: {i: LayerStats.empty(d) for i in layers} for p in PRECISIONS}
     with contextlib.ExitStack() as scopes:  # one scope per accumulator set: each sees every forward
-        scopes.enter_context(capture_stats(layers, ref, adapter))
+        scopes.enter_context(capture_stats(layers, ref, adapter.attention))
         for p in PRECISIONS:
-            scopes.enter_context(capture_stats(layers, per[p], adapter, precision=p))
+            scopes.enter_context(capture_stats(layers, per[p], adapter.attention, precision=p))
         for start in range(0, blocks.shape[0], batch_size):
             adapter.decoder(model)(input_ids=blocks[start:start + batch_size], use_cache=False)
     return {REFERENCE: {i: r.stats for i, r in ref.items()}, **per}
@@ -152,7 +152,7 @@ def main():
 
     adapter = adapter_for(model.config)
     kept = KeepBatch()  # one real micro-batch of a middle layer, for the timings
-    with capture_stats({15: adapter.layers(model)[15]}, {15: kept}, adapter), torch.no_grad():
+    with capture_stats({15: adapter.layers(model)[15]}, {15: kept}, adapter.attention), torch.no_grad():
         adapter.decoder(model)(input_ids=blocks[:4], use_cache=False)
     x, act = kept.x, kept.a
     rows = []

@@ -9,12 +9,11 @@ import argparse
 import time
 
 import common  # noqa: F401  (the repository importable, offline)
-
 import torch
 
-from nbl_dist import synthetic
-from nbl_dist.local import InProcessBackend
-from nbl_dist.stats import LayerStats
+from nbl_dist.calibration.local import InProcessBackend
+from nbl_dist.core.stats import LayerStats
+from nbl_dist.model import synthetic
 
 
 def best_time(fn, repeats=5):

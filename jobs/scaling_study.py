@@ -20,8 +20,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from nbl_dist import calibrate, synthetic  # noqa: E402
-from nbl_dist.config import load_yaml  # noqa: E402
+from nbl_dist import calibrate
+from nbl_dist.model import synthetic
+from nbl_dist.options import load_yaml  # noqa: E402
 
 DEFAULTS = {"hidden": [256, 512, 768, 1024], "layers": 8, "stages": [1, 2], "replicas": [1, 2], "samples": 8,
             "seq_len": 256, "batch_size": 2, "address": None, "out": "runs/scaling"}
@@ -30,7 +31,7 @@ DEFAULTS = {"hidden": [256, 512, 768, 1024], "layers": 8, "stages": [1, 2], "rep
 def model_for(hidden: int, layers: int, root: Path) -> tuple[Path, int]:
     cfg = synthetic.llama_like(hidden, layers)
     path, _ = synthetic.cached_random_checkpoint(cfg, root / "models" / f"llama-{layers}x{hidden}")
-    from nbl_dist.plan import layer_param_counts
+    from nbl_dist.model.arch import layer_param_counts
 
     return path, layer_param_counts(cfg)[2]
 

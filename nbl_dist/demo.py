@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from nbl_dist.corpora import shakespeare_split
-from nbl_dist.linearized import zero_fits
+from nbl_dist.data.corpora import shakespeare_split
+from nbl_dist.model.surgery import zero_fits
 
 
 def calibrate_default(model_dir: Path, out: Path, calib: Path, k: int, samples: int, seq_len: int, stages: int,
@@ -38,8 +38,8 @@ def calibrate_default(model_dir: Path, out: Path, calib: Path, k: int, samples: 
 def kept_fits(statistics: Path, report: dict, layers: set[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """(W, b) of `layers` fitted in this process from the statistics a run kept (replica 0's snapshot of each
     stage; the demo runs one replica, so they are the whole statistics)."""
-    from nbl_dist.resume import MANIFEST, snapshot_path
-    from nbl_dist.shard_stats import ShardStats
+    from nbl_dist.calibration.resume import MANIFEST, snapshot_path
+    from nbl_dist.calibration.shard_stats import ShardStats
 
     fingerprint = json.loads((statistics / MANIFEST).read_text())["fingerprint"]
     fits = {}
@@ -63,8 +63,8 @@ def heldout_perplexities(model_dir: Path, out: Path, report: dict, statistics: P
     """(perplexities of the original, the output under the default rule and attention-drop on the cosine rule's
     layers; every candidate set with its held-back measures and held-out perplexity)."""
     from nbl_dist import load_linearized
-    from nbl_dist.evaluate import perplexity
-    from nbl_dist.linearized import linearized_in_place
+    from nbl_dist.evaluation.perplexity import perplexity
+    from nbl_dist.model.surgery import linearized_in_place
 
     d = original.config.hidden_size
     ppl = {"original": perplexity(original, heldout), "nbl": perplexity(load_linearized(out), heldout)}
@@ -88,9 +88,9 @@ def run(out: Path, k: int, samples: int, seq_len: int, eval_blocks: int, stages:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nbl_dist import load_linearized
-    from nbl_dist.convert import convert_gguf, smollm2_gguf
-    from nbl_dist.data import load_blocks
-    from nbl_dist.evaluate import compare_speed, param_count
+    from nbl_dist.artifact.convert import convert_gguf, smollm2_gguf
+    from nbl_dist.data.blocks import load_blocks
+    from nbl_dist.evaluation.speed import compare_speed, param_count
 
     runs, phases = out.parent, {}
     t0 = time.perf_counter()

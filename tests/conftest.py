@@ -9,7 +9,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from nbl_dist import synthetic  # noqa: E402
+from nbl_dist.model import synthetic
 from tests.helpers import CORPUS  # noqa: E402
 
 # The serving tests run in the vLLM environment (.venv-vllm; `make test` runs them there after the rest).

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from nbl_dist import synthetic
+from nbl_dist.model import synthetic
 
 HERE = Path(__file__).resolve().parent
 
@@ -145,8 +145,8 @@ def write_nbl_folder(src, out, layers, blocks, batch_size=4):
     """An nbl-dist output folder of `src` with exactly `layers` linearized: their LMMSE maps fitted in-process on
     `blocks` ((N, T) token ids) and written by the same writer as `nbl-dist calibrate` (tests that need layer 0 or
     the last layer among the linearized ones, whatever a ranking rule would pick)."""
-    from nbl_dist.linearized import write_linearized
-    from nbl_dist.local import InProcessBackend
+    from nbl_dist.artifact.write import write_linearized
+    from nbl_dist.calibration.local import InProcessBackend
 
     backend = InProcessBackend(src, torch.float32)
     backend.stream(blocks, batch_size)

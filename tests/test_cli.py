@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nbl_dist.calibration.config import CalibrationConfig
 from nbl_dist.cli import build_parser, config_from_args, main
-from nbl_dist.config import CalibrationConfig, load_yaml
-from nbl_dist.selection import RANK_RULES
+from nbl_dist.core.selection import RANK_RULES
+from nbl_dist.options import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,7 +205,7 @@ def test_unexpected_errors_keep_their_traceback(model_dir, data_dir, tmp_path, m
     def bug(*a, **k):
         raise RuntimeError("a bug, not bad input")
 
-    monkeypatch.setattr("nbl_dist.pipeline.calibrate", bug)
+    monkeypatch.setattr("nbl_dist.calibration.pipeline.calibrate", bug)
     with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line error: bugs stay visible
         main(base(model_dir, data_dir, tmp_path / "o", "--linearize", "1"))
 

@@ -177,8 +177,8 @@ def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):
 def test_lost_node_without_room_is_refused_clearly(make_model_dir, tmp_path, monkeypatch):
     """Two nodes, two stages, no spare: when the worker node is lost, no node can take its actor back; the run
     stops with a message saying so once the restart time is up, and leaves no output behind."""
+    from nbl_dist.calibration.ray.actors import ActorGrid
     from nbl_dist.errors import WorkerLostError
-    from nbl_dist.ray_backend import ActorGrid
 
     monkeypatch.setattr(ActorGrid, "restart_timeout_s", 15.0)
     with simulated_cluster(workers=1) as (cluster, (worker,)):

@@ -19,9 +19,12 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from nbl_dist import calibrate, resume
+from nbl_dist import calibrate
+from nbl_dist.calibration import resume
+from nbl_dist.calibration.ray.actors import RayShardWorker
+from nbl_dist.calibration.ray.backend import RayBackend
 from nbl_dist.errors import CheckpointError, ConfigError, PlanError
-from nbl_dist.ray_backend import RayBackend, RayShardWorker
+from nbl_dist.runtime import shared
 from tests.test_cluster import simulated_cluster
 
 pytestmark = pytest.mark.slow
@@ -84,17 +87,20 @@ def gpu_request(resources: dict) -> float:
     return sum(v for k, v in resources.items() if re.fullmatch(r"GPU_group_\d+_\w+", k))
 
 
-def exported_metric(name: str, labels: dict, timeout_s: float = 15.0) -> float | None:
-    """A metric's value as Ray's metrics agents export it to Prometheus (any node), waiting for the report."""
-    deadline = time.time() + timeout_s
+def exported_metric(name: str, labels: dict, expected: float, timeout_s: float = 15.0) -> float | None:
+    """A metric's value as Ray's metrics agents export it to Prometheus (any node): `expected` as soon as it is
+    exported, else the last value seen when the time is up (an agent may still hold an earlier report)."""
+    deadline, seen = time.time() + timeout_s, None
     while time.time() < deadline:
         for node in ray.nodes():
             with urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=5) as r:
                 for line in r.read().decode().splitlines():
                     if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                        return float(line.rsplit(" ", 1)[1])
+                        seen = float(line.rsplit(" ", 1)[1])
+                        if seen == expected:
+                            return seen
         time.sleep(0.5)
-    return None
+    return seen
 
 
 def test_gpu_plan_from_a_driver_without_cuda(gpu_cluster, make_model_dir, tmp_path, monkeypatch):
@@ -131,8 +137,9 @@ def test_gpu_plan_from_a_driver_without_cuda(gpu_cluster, make_model_dir, tmp_pa
     assert all(gpu_request(a.required_resources) == 1.0 for a in actors.values())
     assert {a.node_id for a in actors.values()} == gpu_nodes
 
-    assert exported_metric("ray_nbl_progress_done", {"run": group.name, "phase": "streaming"}) == blocks.numel()
-    assert exported_metric("ray_nbl_progress_done", {"run": group.name, "phase": "fitting"}) == 2
+    streamed = exported_metric("ray_nbl_progress_done", {"run": group.name, "phase": "streaming"}, blocks.numel())
+    assert streamed == blocks.numel()
+    assert exported_metric("ray_nbl_progress_done", {"run": group.name, "phase": "fitting"}, 2) == 2
 
     ref = calibrate(src, tmp_path / "ref", backend="in-process", device="cpu", dtype="float64", **quiet)
     assert rep["selected_layers"] == ref["selected_layers"]
@@ -167,12 +174,12 @@ def test_checkpoint_folder_not_shared_is_refused_before_loading(gpu_cluster, mak
     _, workers = gpu_cluster
     src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
     blocks = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(8))
-    private, real_probe = workers[0].node_id, resume.node_probe
+    private, real_probe = workers[0].node_id, shared.node_probe
 
-    def node_local_disk(folder, token, model_dir, node):
-        return real_probe(folder + "-local" if node == private else folder, token, model_dir, node)
+    def node_local_disk(folder, token, reads, node):
+        return real_probe(folder + "-local" if node == private else folder, token, reads, node)
 
-    monkeypatch.setattr(resume, "node_probe", node_local_disk)
+    monkeypatch.setattr(shared, "node_probe", node_local_disk)
     with pytest.raises(CheckpointError) as refused:
         calibrate(src, tmp_path / "unshared", blocks=blocks, batch_size=2, linearize=2, stages=2, device="cuda",
                   device_memory="4GiB", rank_by="cca", log=lambda *a: None)
@@ -192,3 +199,39 @@ def run_name(tmp_path) -> str:
 
     fingerprint = json.loads((tmp_path / ".unshared.ckpt" / resume.MANIFEST).read_text())["fingerprint"]
     return f"nbl-unshared-{fingerprint[:8]}"
+
+
+def test_heal_refuses_storage_or_baseline_a_node_does_not_share(gpu_cluster, make_model_dir, tmp_path, monkeypatch):
+    """Healing checks its folders on every node that can hold one of its workers before any worker starts: here
+    the first GPU node has a disk of its own at --storage's path and lacks the baseline (its probe is pointed at
+    other folders, as on the calibration test above). Refused naming the node and each folder, before Ray Train
+    runs: no run folder, no output."""
+    from nbl_dist import heal
+    from tests.helpers import CORPUS
+
+    _, workers = gpu_cluster
+    src = make_model_dir("llama", torch.float32)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(" ".join(CORPUS * 4))
+    out = tmp_path / "nbl"
+    calibrate(src, out, data=str(data), samples=4, seq_len=16, linearize=2, backend="in-process", rank_by="cca",
+              log=lambda *a: None)
+    private, real_probe = workers[0].node_id, shared.node_probe
+
+    def node_local_disk(folder, token, reads, node):
+        if node == private:
+            folder, reads = folder + "-local", {**reads, "baseline folder": reads["baseline folder"] + "-missing"}
+        return real_probe(folder, token, reads, node)
+
+    monkeypatch.setattr(shared, "node_probe", node_local_disk)
+    storage = tmp_path / "storage"
+    with pytest.raises(CheckpointError) as refused:
+        heal(out, src, str(data), tmp_path / "healed", steps=1, seq_len=16, reserve_eval=1, kl_samples=1,
+             device_memory="4GiB", storage=str(storage), log=lambda *a: None)
+    message, node = str(refused.value), f"node {private[:12]}"
+    assert f"{node} does not see the baseline folder {src} (no config.json there)" in message
+    assert f"{node} does not see the files the driver writes in {storage}" in message
+    assert f"the driver does not see the files {node} writes in {storage}" in message
+    assert workers[1].node_id[:12] not in message and "--storage" in message
+    assert not (tmp_path / "healed").exists() and (not storage.exists() or not any(storage.iterdir()))

@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 
-from nbl_dist import synthetic
-from nbl_dist.data import iter_documents, load_blocks, make_blocks, token_stream
+from nbl_dist.data.blocks import load_blocks, make_blocks, token_stream
+from nbl_dist.data.sources import iter_documents
 from nbl_dist.errors import DataError
+from nbl_dist.model import synthetic
 
 DOCS = ["To be, or not to be, that is the question.", "All the world's a stage.",
         "Now is the winter of our discontent, made glorious summer by this sun of York."]
@@ -322,7 +323,8 @@ def fake_hub(monkeypatch):
 
 
 def test_hub_name_streams_with_config_and_split(fake_hub, tokenizer):
-    from nbl_dist.data import DataSource, choose_blocks
+    from nbl_dist.data.blocks import choose_blocks
+    from nbl_dist.data.sources import DataSource
 
     assert list(iter_documents("owner/corpus", config="en", split="validation")) == DOCS[1:]
     assert fake_hub == [("owner/corpus", "en", "validation", True)]
@@ -341,7 +343,8 @@ def test_missing_local_path_is_never_sent_to_the_hub(fake_hub, path):
 
 
 def test_fingerprints_follow_content_not_location(tokenizer, tmp_path):
-    from nbl_dist.data import DataSource, tokenizer_fingerprint
+    from nbl_dist.data.blocks import tokenizer_fingerprint
+    from nbl_dist.data.sources import DataSource
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps({"text": d}) for d in DOCS])
     (tmp_path / "moved").mkdir()
@@ -364,7 +367,8 @@ def test_large_jsonl_is_read_only_as_far_as_the_blocks_need(tokenizer, tmp_path)
     is read (counted by the kernel: the process's read bytes), fingerprint included."""
     import psutil
 
-    from nbl_dist.data import DataSource, choose_blocks
+    from nbl_dist.data.blocks import choose_blocks
+    from nbl_dist.data.sources import DataSource
 
     words = " ".join(DOCS).split()
     filler = " ".join(words[i % len(words)] for i in range(250))  # about 1 KB per document

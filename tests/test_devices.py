@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from nbl_dist import resume
-from nbl_dist.devices import gpu_budget, gpu_memory_report, resolve_actor_device
 from nbl_dist.errors import ConfigError, PlanError
-from nbl_dist.progress import Progress, RunProgress
+from nbl_dist.runtime import shared
+from nbl_dist.runtime.cluster import gpu_memory_report
+from nbl_dist.runtime.progress import Progress, RunProgress
+from nbl_dist.runtime.resources import gpu_budget, resolve_actor_device
 
 
 @pytest.mark.parametrize("device,gpus,actors,want", [
@@ -51,23 +52,23 @@ def test_gpu_memory_report_reads_the_probes_gpu(monkeypatch):
 def test_storage_probe_finds_a_folder_each_node_sees_differently(tmp_path):
     """Two nodes share the driver's folders; a third has a disk of its own at the same paths (here: other
     folders), so neither side sees the other's probe file, nor it the model; a fourth never answered."""
-    model, shared, local = tmp_path / "model", tmp_path / "ckpt", tmp_path / "node-c-disk"
+    model, ckpt, local = tmp_path / "model", tmp_path / "ckpt", tmp_path / "node-c-disk"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    shared.mkdir()
-    token = resume.write_probe(shared)
-    seen = {"a" * 16: resume.node_probe(str(shared), token, str(model), "a" * 16),
-            "b" * 16: resume.node_probe(str(shared), token, str(model), "b" * 16),
-            "c" * 16: resume.node_probe(str(local), token, str(tmp_path / "nothing"), "c" * 16),
+    ckpt.mkdir()
+    token = shared.write_probe(ckpt)
+    seen = {"a" * 16: shared.node_probe(str(ckpt), token, {"model folder": str(model)}, "a" * 16),
+            "b" * 16: shared.node_probe(str(ckpt), token, {"model folder": str(model)}, "b" * 16),
+            "c" * 16: shared.node_probe(str(local), token, {"model folder": str(tmp_path / "nothing")}, "c" * 16),
             "d" * 16: None}
-    problems = resume.probe_problems(str(shared), token, str(model), seen)
+    problems = shared.probe_problems(str(ckpt), token, {"model folder": str(model)}, seen)
     c = "node " + "c" * 12
     assert problems == [f"{c} does not see the model folder {model} (no config.json there)",
-                        f"the driver does not see the files {c} writes in {shared}",
-                        f"{c} does not see the files the driver writes in {shared}",
+                        f"the driver does not see the files {c} writes in {ckpt}",
+                        f"{c} does not see the files the driver writes in {ckpt}",
                         "node " + "d" * 12 + " did not answer the storage probe"]
-    resume.remove_probe(shared, token)
-    assert list(shared.iterdir()) == []
+    shared.remove_probe(ckpt, token)
+    assert list(ckpt.iterdir()) == []
 
 
 class Recorder:
@@ -122,7 +123,7 @@ class ThreeNodes:
 
 
 def test_actor_cpus_and_memory_from_node_resources():
-    from nbl_dist.ray_cluster import RayCluster
+    from nbl_dist.runtime.cluster import RayCluster
 
     cluster = RayCluster.__new__(RayCluster)  # no connection: only the arithmetic over the nodes' resources
     cluster.ray = ThreeNodes()

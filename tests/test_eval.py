@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 
-from nbl_dist import evaluate, synthetic
+from nbl_dist.calibration.local import InProcessBackend
 from nbl_dist.cli import main
-from nbl_dist.local import InProcessBackend
+from nbl_dist.data import ledger
+from nbl_dist.evaluation import perplexity
+from nbl_dist.evaluation import speed as evaluate_speed
+from nbl_dist.model import synthetic
 from tests.helpers import CORPUS
 
 SEQ = 16
@@ -79,13 +82,13 @@ def runs(make_model_dir, tokenizer, tmp_path_factory):
 def eval_watched(monkeypatch, argv):
     """Run `nbl-dist eval`; returns [(is the linearized model, blocks it was scored on)] for each model."""
     scored = []
-    loss_sum = evaluate.loss_sum
+    loss_sum = perplexity.loss_sum
 
     def watch(model, blocks, batch_size=4):
         scored.append((model.config.nbl is not None, blocks.clone()))
         return loss_sum(model, blocks, batch_size)
 
-    monkeypatch.setattr(evaluate, "loss_sum", watch)
+    monkeypatch.setattr(perplexity, "loss_sum", watch)
     assert main(["eval", *argv]) == 0
     return scored
 
@@ -127,7 +130,7 @@ def test_baseline_and_model_scored_on_the_same_unused_blocks(runs, tokenizer, na
     result = json.loads(result_file.read_text())
     assert torch.equal(stream[result["blocks"]], blocks)
     assert result["blocks"] == sorted(set(range(len(stream))) - set(used_idx))[:EVAL_SAMPLES]
-    assert result["relation"] == evaluate.SAME_DATA and result["excluded_blocks"] == len(
+    assert result["relation"] == ledger.SAME_DATA and result["excluded_blocks"] == len(
         [i for i in used_idx if i < result["blocks"][-1]])
     ppl = {"model": reference_perplexity(out, blocks), "baseline": reference_perplexity(runs["src"], blocks)}
     assert result["perplexity"] == pytest.approx(ppl, rel=1e-5)
@@ -155,7 +158,7 @@ def test_other_data_needs_no_exclusion(runs, tokenizer, monkeypatch, tmp_path, c
     scored = eval_watched(monkeypatch, ["--model", str(out), "--data", str(tmp_path / "other.jsonl"), "--samples",
                                         "4"])
     result = json.loads((out / "nbl_eval.json").read_text())  # the default: beside the run's report
-    assert result["blocks"] == [0, 1, 2, 3] and result["relation"] == evaluate.OTHER_DATA
+    assert result["blocks"] == [0, 1, 2, 3] and result["relation"] == ledger.OTHER_DATA
     assert torch.equal(scored[0][1], reference_blocks(tokenizer, docs, SEQ)[:4])
     assert "not the calibration data" in capsys.readouterr().out
 
@@ -178,13 +181,13 @@ def test_tasks_without_the_harness_name_the_extra(runs, monkeypatch, capsys):
 @pytest.mark.parametrize("dtype, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_bench_device_and_dtype(runs, monkeypatch, capsys, dtype, expected):
     timed = []
-    speed = evaluate.speed
+    speed = evaluate_speed.speed
 
     def watch(model, prompt, *a, **k):
         timed.append((model.dtype, model.device.type))
         return speed(model, prompt, *a, **k)
 
-    monkeypatch.setattr(evaluate, "speed", watch)
+    monkeypatch.setattr(evaluate_speed, "speed", watch)
     assert main(["bench", "--model", str(runs["seed"][0]), "--baseline", str(runs["src"]), "--prompt-len", "8",
                  "--new-tokens", "2", "--rounds", "1", "--device", "cpu", "--dtype", dtype]) == 0
     assert timed == [(expected, "cpu")] * 2
@@ -194,8 +197,8 @@ def test_bench_device_and_dtype(runs, monkeypatch, capsys, dtype, expected):
 def test_timers_wait_for_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    evaluate.synchronized_clock(torch.device("cpu"))()
+    evaluate_speed.synchronized_clock(torch.device("cpu"))()
     assert calls == []
     gpu = torch.device("cuda", 0)
-    evaluate.synchronized_clock(gpu)()
+    evaluate_speed.synchronized_clock(gpu)()
     assert calls == [gpu]

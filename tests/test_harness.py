@@ -15,7 +15,7 @@ def test_harness_task_on_linearized_model(make_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from nbl_dist import calibrate, load_linearized
-    from nbl_dist.evaluate import harness_eval
+    from nbl_dist.evaluation.harness import harness_eval
 
     src = make_model_dir("llama", torch.float32)
     blocks = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(0))

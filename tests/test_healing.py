@@ -11,14 +11,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from nbl_dist.artifact.folder import ModelFolder
+from nbl_dist.artifact.loading import load_linearized
 from nbl_dist.cli import main
-from nbl_dist.healing import losses
-from nbl_dist.healing.losses import head_loss_backward, position_losses
+from nbl_dist.core import losses
+from nbl_dist.core.losses import head_loss_backward, position_losses
 from nbl_dist.healing.model import HealModel
-from nbl_dist.healing.trainer import Healer, lr_factor
+from nbl_dist.healing.trainer import Healer
 from nbl_dist.healing.writer import MAPS_NAME, write_healed
-from nbl_dist.linearized import apply_linearization, load_linearized
-from nbl_dist.safetensors_io import tensor_specs
+from nbl_dist.model.safetensors_io import tensor_specs
+from nbl_dist.model.surgery import apply_linearization
+from nbl_dist.training.schedule import lr_factor
 from tests.helpers import CORPUS, write_nbl_folder
 
 LAYERS = [1, 2]
@@ -142,7 +145,8 @@ def test_healed_folder_changes_only_the_maps_and_loads_three_ways(folders, tmp_p
     maps = model.merged_maps()
     keys = {i: model.shard.adapter.nbl_keys(i) for i in LAYERS}
     save_file({k: t.contiguous() for i in LAYERS for k, t in zip(keys[i], maps[i])}, str(tmp_path / MAPS_NAME))
-    healed = write_healed(out, tmp_path / "healed", tmp_path / MAPS_NAME, {"loss": "kl"}, {"steps": 4})
+    healed = write_healed(ModelFolder.open(out), tmp_path / "healed", tmp_path / MAPS_NAME, {"loss": "kl"},
+                          {"steps": 4})
     assert tensor_specs(healed) == tensor_specs(out)
     with safe_open(str(healed / "model-kept.safetensors"), "pt") as a, safe_open(str(out / "model-kept.safetensors"),
                                                                                   "pt") as b:
@@ -181,14 +185,14 @@ def calibrated(make_model_dir, tmp_path_factory):
 def test_blocks_skip_the_calibration_and_leave_evals_blocks(calibrated):
     from transformers import AutoTokenizer
 
-    from nbl_dist.data import DataSource
-    from nbl_dist.evaluate import data_records, heldout_blocks
+    from nbl_dist.artifact.folder import ModelFolder
+    from nbl_dist.data.ledger import data_records, heldout_blocks
+    from nbl_dist.data.sources import DataSource
     from nbl_dist.healing.blocks import heal_blocks
-    from nbl_dist.linearized import read_nbl_section
 
     src, out, data = calibrated
     tok, source = AutoTokenizer.from_pretrained(out), DataSource(str(data))
-    run = read_nbl_section(out)["data"]
+    run = ModelFolder.open(out).nbl["data"]
     b = heal_blocks(source, tok, 16, [run], reserve=3, kl=2, train=8)
     used = set(run["statistics_blocks"]) | set(run["held_back_blocks"])
     chosen = b.reserved_indices + b.kl_indices + b.train_indices
@@ -215,13 +219,12 @@ def test_bad_input_refused_before_anything_loads(calibrated, make_model_dir, tmp
     started (both fail the test if reached)."""
     import shutil
 
-    from nbl_dist import synthetic
-    from nbl_dist.healing import pipeline
+    from nbl_dist.model import synthetic
 
     def reached(*a, **k):
         raise AssertionError("heal went past its input checks")
 
-    monkeypatch.setattr("nbl_dist.ray_cluster.RayCluster.__init__", reached)
+    monkeypatch.setattr("nbl_dist.runtime.cluster.RayCluster.__init__", reached)
     monkeypatch.setattr("nbl_dist.healing.model.HealModel.__init__", reached)
     src, out, data = calibrated
     base = ["heal", "--data", str(data), "--out", str(tmp_path / "healed"), "--steps", "2", "--seq-len", "16"]
@@ -245,7 +248,9 @@ def test_bad_input_refused_before_anything_loads(calibrated, make_model_dir, tmp
     err = one_error_line(["heal", "--data", str(data), "--out", str(tmp_path / "h"), "--model", str(out),
                           "--baseline", str(src), "--steps", "500", "--seq-len", "16"], capsys)
     assert "besides the" in err and "lower the budget" in err
-    assert pipeline  # imported: the checks above went through heal()
+    err = one_error_line(base + ["--model", str(out), "--baseline", str(out)], capsys)
+    assert "already linearized" in err and "pass the original checkpoint as --baseline" in err
+    assert not list(tmp_path.glob("*healed*")) and not list(tmp_path.glob(".h*"))  # nothing written
 
 
 def test_heal_options_refused_like_calibrates(tmp_path, capsys):

@@ -1,7 +1,7 @@
-"""Healing on Ray Train (nbl_dist/healing/ray_train.py), on a real local Ray: 2 workers (gloo), the frozen layers
-sharded over them (FSDP2) and one killed mid-run, equal 1 worker at the same global batch; `ray job submit ...
-jobs/heal.py` with 2 workers, as the README types it, stopped and submitted again, resumes from its last checkpoint
-to the undisturbed maps; a plan that does not fit is refused before the workers start."""
+"""Healing on Ray Train (healing/loop.py over training/ray_train.py), on a real local Ray: 2 workers (gloo), the
+frozen layers sharded over them (FSDP2) and one killed mid-run, equal 1 worker at the same global batch;
+`ray job submit ... jobs/heal.py` with 2 workers, as the README types it, stopped and submitted again, resumes from
+its last checkpoint to the undisturbed maps; a plan that does not fit is refused before the workers start."""
 
 import json
 import os

@@ -18,10 +18,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import nbl_dist
-from nbl_dist import modeling_nbl
-from nbl_dist.arch import SUPPORTED_MODEL_TYPES
+from nbl_dist.artifact.loading import load_linearized
 from nbl_dist.errors import CheckpointError
-from nbl_dist.linearized import NBLDecoderLayer, apply_linearization, load_linearized
+from nbl_dist.model import modeling_nbl
+from nbl_dist.model.arch import SUPPORTED_MODEL_TYPES
+from nbl_dist.model.modeling_nbl import NBLDecoderLayer
+from nbl_dist.model.surgery import apply_linearization
 from tests.helpers import write_task
 
 FAMILIES = ("llama", "qwen2")

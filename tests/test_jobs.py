@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nbl_dist.config import load_yaml
+from nbl_dist.options import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

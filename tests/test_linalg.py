@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nbl_dist.linalg import cca_bound, covariances, layer_scores, lmmse_fit
-from nbl_dist.stats import LayerStats
+from nbl_dist.core.linalg import cca_bound, covariances, layer_scores, lmmse_fit
+from nbl_dist.core.stats import LayerStats
 from tests.helpers import correlated_data, research_bound
 
 

@@ -6,18 +6,16 @@ import os
 import pytest
 import torch
 
-from nbl_dist import synthetic
-from nbl_dist.arch import adapter_for
-from nbl_dist.capture import capture_stats
+from nbl_dist.artifact.loading import load_linearized
+from nbl_dist.artifact.write import write_linearized
+from nbl_dist.calibration.local import InProcessBackend
+from nbl_dist.core.capture import capture_stats
+from nbl_dist.core.stats import LayerStats
 from nbl_dist.errors import UnsupportedArchitectureError
-from nbl_dist.linearized import (
-    NBLDecoderLayer,
-    apply_linearization,
-    load_linearized,
-    write_linearized,
-)
-from nbl_dist.local import InProcessBackend
-from nbl_dist.stats import LayerStats
+from nbl_dist.model import synthetic
+from nbl_dist.model.arch import adapter_for
+from nbl_dist.model.modeling_nbl import NBLDecoderLayer
+from nbl_dist.model.surgery import apply_linearization
 from tests.helpers import affine_swapped_model, manual_attention
 from tests.test_stats import assert_matches
 
@@ -33,7 +31,7 @@ def test_captured_x_and_a_equal_manual_forward(family):
     stats = {i: LayerStats.empty(cfg.hidden_size) for i in range(3)}
     layers = dict(enumerate(adapter.layers(model)))
     with torch.no_grad():
-        with capture_stats(layers, stats, adapter):
+        with capture_stats(layers, stats, adapter.attention):
             model.model(input_ids=ids, use_cache=False)
         hidden = model.model(input_ids=ids, output_hidden_states=True).hidden_states  # (L+1) x (B, T, d)
         pos = torch.arange(24).unsqueeze(0)

@@ -5,10 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbl_dist import synthetic
-from nbl_dist.cli import _config_from_path, main
+from nbl_dist.calibration.pipeline import model_config
+from nbl_dist.calibration.plan import (
+    CPU_RUNTIME_BYTES,
+    GPU_RUNTIME_BYTES,
+    check_memory,
+    make_plan,
+)
+from nbl_dist.cli import main
 from nbl_dist.errors import PlanError
-from nbl_dist.plan import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, check_memory, make_plan, parse_bytes
+from nbl_dist.model import synthetic
+from nbl_dist.runtime.resources import parse_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 # Published parameter counts of the real models whose configs ship in jobs/configs/.
@@ -31,7 +38,7 @@ def closed_form_params(c) -> int:
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_shipped_configs_param_counts(name):
-    cfg = _config_from_path(REPO / "jobs" / "configs" / f"{name}.config.json")
+    cfg = model_config(REPO / "jobs" / "configs" / f"{name}.config.json")
     plan = make_plan(cfg, stages=4, dtype=torch.bfloat16, device="cuda")
     assert plan.total_params == closed_form_params(cfg) == PUBLISHED[name]
     # Stages hold every layer once; their weights plus the unused final norm and head make the whole model.
@@ -41,7 +48,7 @@ def test_shipped_configs_param_counts(name):
 
 
 def test_llama_70b_fits_on_8_not_on_2():
-    cfg = _config_from_path(REPO / "jobs" / "configs" / "llama-3.1-70b.config.json")
+    cfg = model_config(REPO / "jobs" / "configs" / "llama-3.1-70b.config.json")
     kw = dict(dtype=torch.bfloat16, device="cuda", batch_size=1, seq_len=2048)
     assert check_memory(cfg, 8, parse_bytes("80GiB"), **kw).fits
     two = check_memory(cfg, 2, parse_bytes("80GiB"), **kw)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from nbl_dist import calibrate, load_linearized
+from nbl_dist.calibration.report import PLOT_NAME, REPORT_NAME
 from nbl_dist.errors import ConfigError
-from nbl_dist.report import PLOT_NAME, REPORT_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -74,7 +74,7 @@ def test_output_folder_and_report(make_model_dir, tmp_path):
     stage0 = [w for w in saved["workers"] if w["stage"] == 0][0]
     assert stage0["bytes_out"] == 6 * 32 * 32 * 4  # every hidden state crossed once to stage 1
     assert (out / PLOT_NAME).stat().st_size > 1000
-    assert not (tmp_path / ".out.tmp").exists()
+    assert not (tmp_path / ".out.writing").exists() and not (tmp_path / ".out.old").exists()
     model = load_linearized(out)
     assert model.generate(blocks[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
     with pytest.raises(ConfigError, match="not empty"):

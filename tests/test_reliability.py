@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from nbl_dist import calibrate, synthetic
+from nbl_dist import calibrate
+from nbl_dist.core.stats import LayerStats
 from nbl_dist.errors import CheckpointError, NonFiniteActivationError, RayStartError
-from nbl_dist.stats import LayerStats
+from nbl_dist.model import synthetic
 from tests.helpers import assert_matches, correlated_data
 
 
@@ -58,7 +59,7 @@ def test_joins_the_cluster_named_by_ray_address(make_model_dir, tmp_path, monkey
     """Inside `ray job submit` Ray sets RAY_ADDRESS for the entry point: without --address the run joins that
     cluster (here one that does not answer, so it must say so) instead of starting a private local Ray; an http
     RAY_ADDRESS (a dashboard, for `ray job submit`) is not a cluster to join."""
-    from nbl_dist.ray_cluster import cluster_address
+    from nbl_dist.runtime.cluster import cluster_address
 
     if ray.is_initialized():
         ray.shutdown()
@@ -186,7 +187,8 @@ def test_actor_killed_in_every_phase_gives_the_undisturbed_result(local_ray, mak
     """One actor is killed in each phase after the stream (the stream's own kill test is above), and one is
     killed while it is being constructed: every one is recreated from its snapshot, replica 0's merges and fits
     are redone where they were lost, and W, b, bounds and losses equal an undisturbed in-process run (1e-9)."""
-    from nbl_dist.ray_backend import ActorGrid, RayBackend
+    from nbl_dist.calibration.ray.actors import ActorGrid
+    from nbl_dist.calibration.ray.backend import RayBackend
 
     src = make_model_dir("llama", torch.float64, num_hidden_layers=4)
     blocks = torch.randint(0, 320, (10, 32), generator=torch.Generator().manual_seed(21))

@@ -7,9 +7,9 @@ import ray
 import torch
 
 from nbl_dist import calibrate
-from nbl_dist.local import InProcessBackend
-from nbl_dist.report import format_table
-from nbl_dist.selection import select_layers
+from nbl_dist.calibration.local import InProcessBackend
+from nbl_dist.calibration.report import format_table
+from nbl_dist.core.selection import select_layers
 from tests.helpers import affine_swapped_model, manual_attention, research_bound
 
 
@@ -103,7 +103,7 @@ def test_all_scores_agree_across_splits(family, make_model_dir, tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-9), (stages, replicas, key)
             assert a["loss_increase"] == pytest.approx(b["loss_increase"], rel=1e-7, abs=1e-12)
         for rule in ("cca", "nmse", "cosine", "loss"):
-            from nbl_dist.linalg import LayerScores
+            from nbl_dist.core.linalg import LayerScores
 
             as_scores = lambda r: [LayerScores(**{k: v for k, v in row.items()  # noqa: E731
                                                   if k in LayerScores.__dataclass_fields__}) for row in r["layers"]]
@@ -118,7 +118,7 @@ def logits_by_hand(src, fits, blocks):
     applied: the reference a set rule's measurements must equal."""
     from transformers import AutoModelForCausalLM
 
-    from nbl_dist.linearized import apply_linearization
+    from nbl_dist.model.surgery import apply_linearization
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64).eval()
     apply_linearization(model, {i: (f.weight, f.bias) for i, f in fits.items()})
@@ -149,7 +149,7 @@ def fits_on(src, blocks):
 
 
 def as_scores(report):
-    from nbl_dist.linalg import LayerScores
+    from nbl_dist.core.linalg import LayerScores
 
     return [LayerScores(**{k: v for k, v in row.items() if k in LayerScores.__dataclass_fields__})
             for row in report["layers"]]
@@ -204,8 +204,8 @@ def test_auto_goes_by_divergence_not_loss():
     """A set that lowers the held-back loss below the original's (it moved the model towards the calibration
     text) but moved the distribution further loses to one that stays closer; a NaN divergence is never chosen;
     equal divergences go to the earlier rule."""
-    from nbl_dist.linalg import LayerScores
-    from nbl_dist.selection import SetMeasure, choose_auto, rule_sets
+    from nbl_dist.core.linalg import LayerScores
+    from nbl_dist.core.selection import SetMeasure, choose_auto, rule_sets
 
     n = 6
     order = {"cca": [0, 1, 2, 3, 4, 5], "nmse": [2, 3, 0, 1, 4, 5], "cosine": [4, 5, 0, 1, 2, 3]}
@@ -284,9 +284,9 @@ def test_set_measures_agree_across_splits(make_model_dir, local_ray):
     pass with the base linearized, then each set from the stage of its first layer outside it; no KL)."""
     from transformers import AutoConfig
 
-    from nbl_dist.plan import make_plan
-    from nbl_dist.ray_backend import RayBackend
-    from nbl_dist.selection import rule_sets
+    from nbl_dist.calibration.plan import make_plan
+    from nbl_dist.calibration.ray.backend import RayBackend
+    from nbl_dist.core.selection import rule_sets
 
     src = make_model_dir("qwen2", torch.float64, num_hidden_layers=4)
     stats_blocks, held = AUTO_BLOCKS[:8], AUTO_BLOCKS[8:]
@@ -324,8 +324,13 @@ def test_measured_work_counts_what_the_rule_runs(rule, k, pool):
     """The time estimate's count of fits and held-back forwards equals what the rule's own chooser fits and asks
     to measure (counted through its measure callable). The three statistic rules rank disjoint layers first here,
     so auto's three K-sets are distinct and its count (an upper bound in general) is exact."""
-    from nbl_dist.linalg import LayerScores
-    from nbl_dist.selection import SetMeasure, choose_set, fits_needed, measured_work
+    from nbl_dist.core.linalg import LayerScores
+    from nbl_dist.core.selection import (
+        SetMeasure,
+        choose_set,
+        fits_needed,
+        measured_work,
+    )
 
     n = 12
     rank = {"cca": np.arange(n), "nmse": np.roll(np.arange(n), -k), "cosine": np.roll(np.arange(n), -2 * k)}

@@ -5,9 +5,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nbl_dist import synthetic
-from nbl_dist.linearized import apply_linearization
-from nbl_dist.serving.cost_model import DecoderShape, kv_bytes_per_token, kv_capacity_ratio, step_cost
+from nbl_dist.model import synthetic
+from nbl_dist.model.surgery import apply_linearization
+from nbl_dist.serving.cost_model import (
+    DecoderShape,
+    kv_bytes_per_token,
+    kv_capacity_ratio,
+    step_cost,
+)
 
 
 def nbl_tiny(family, linearized):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from nbl_dist import synthetic
-from nbl_dist.arch import meta_model
+from nbl_dist.calibration.local import InProcessBackend
+from nbl_dist.calibration.plan import balance, make_plan
+from nbl_dist.calibration.worker import ShardWorker, from_wire, to_wire
 from nbl_dist.errors import PlanError
-from nbl_dist.local import InProcessBackend
-from nbl_dist.plan import balance, make_plan
-from nbl_dist.safetensors_io import tensor_specs, weight_map
-from nbl_dist.shard import ShardWorker, from_wire, to_wire
+from nbl_dist.model import synthetic
+from nbl_dist.model.arch import meta_model
+from nbl_dist.model.safetensors_io import tensor_specs, weight_map
 
 
 def test_shard_loads_only_its_own_tensors(make_model_dir):

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from nbl_dist.convert import convert_gguf, smollm2_gguf
-    from nbl_dist.corpora import shakespeare_split
+    from nbl_dist.artifact.convert import convert_gguf, smollm2_gguf
+    from nbl_dist.data.corpora import shakespeare_split
 
     try:
         gguf = smollm2_gguf()
@@ -28,8 +28,8 @@ def test_smollm2_calibrate_load_generate(smollm2, tmp_path):
     from transformers import AutoTokenizer
 
     from nbl_dist import calibrate, load_linearized
-    from nbl_dist.data import load_blocks
-    from nbl_dist.evaluate import perplexity
+    from nbl_dist.data.blocks import load_blocks
+    from nbl_dist.evaluation.perplexity import perplexity
 
     model_dir, calib, held = smollm2
     out = tmp_path / "smol-nbl"
@@ -59,10 +59,10 @@ def test_smollm2_default_rule_beats_attention_drop_at_k6(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nbl_dist import calibrate, load_linearized
-    from nbl_dist.corpora import pydoc_blocks
-    from nbl_dist.data import load_blocks
-    from nbl_dist.evaluate import perplexity
-    from nbl_dist.linearized import apply_linearization, zero_fits
+    from nbl_dist.data.blocks import load_blocks
+    from nbl_dist.data.corpora import pydoc_blocks
+    from nbl_dist.evaluation.perplexity import perplexity
+    from nbl_dist.model.surgery import apply_linearization, zero_fits
 
     model_dir, calib, held = smollm2
     out = tmp_path / "auto6"

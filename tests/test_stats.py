@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbl_dist.stats import LayerStats
+from nbl_dist.core.stats import LayerStats
 from tests.helpers import assert_matches, correlated_data, reference_moments
 
 
@@ -109,7 +109,7 @@ def test_each_precision_against_float64_with_huge_means(d, blocks, monkeypatch):
     """Every precision within its stated bound; bf16x3 within 10x of fp32's error, bf16 far outside it (so the
     precision really changes the arithmetic). blocks = 4: M_xx and M_aa formed by 4 block-rows of their upper
     triangle, as on a device that lists it."""
-    from nbl_dist import stats
+    from nbl_dist.core import stats
 
     monkeypatch.setattr(stats, "TRIANGLE_BLOCKS", {"cpu": blocks} if blocks else {})
     assert len(stats.triangle_edges(d, "cpu")) == (blocks or 1) + 1

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from nbl_dist import calibrate
+from nbl_dist.core.stats import AUTO_PRECISION, resolve_precision
 from nbl_dist.errors import CheckpointError
-from nbl_dist.stats import AUTO_PRECISION, resolve_precision
 
 
 def run(src, out, blocks, **kw):

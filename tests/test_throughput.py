@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nbl_dist import synthetic, throughput
-from nbl_dist.config import CalibrationConfig
+from nbl_dist.calibration import throughput
+from nbl_dist.calibration.config import CalibrationConfig
+from nbl_dist.calibration.plan import make_plan, time_estimate
+from nbl_dist.core.stats import LayerStats
 from nbl_dist.errors import ConfigError, PlanError
-from nbl_dist.plan import make_plan, time_estimate
-from nbl_dist.stats import LayerStats
+from nbl_dist.model import synthetic
 
 
 def counted_mm_flops(fn) -> int:
@@ -38,7 +39,7 @@ def test_layer_forward_flops_match_the_counted_products_plus_causal_attention(fa
 @pytest.mark.parametrize("precision", ["fp32", "bf16x3", "bf16"])
 @pytest.mark.parametrize("blocks", [0, 4])  # 4: symmetric products by block-rows, as on a device listing it
 def test_stats_flops_match_the_counted_products(precision, blocks, monkeypatch):
-    from nbl_dist import stats
+    from nbl_dist.core import stats
 
     monkeypatch.setattr(stats, "TRIANGLE_BLOCKS", {"cpu": blocks} if blocks else {})
     d = 288
@@ -67,7 +68,7 @@ def test_scoring_estimate_counts_the_layers_and_both_head_projections():
     """A measured pass's head work is what evaluate.next_token_sums does with a KL reference (torch's counter: two
     vocabulary projections per predicted position), and the scoring estimate is passes x held-back tokens x
     (layers' forward + two heads) / rate."""
-    from nbl_dist.evaluate import next_token_sums
+    from nbl_dist.core.losses import next_token_sums
 
     cfg = synthetic.tiny_config("llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                 intermediate_size=96, num_hidden_layers=4)

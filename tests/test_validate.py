@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nbl_dist import synthetic
-from nbl_dist.arch import meta_model
+from nbl_dist.artifact.write import write_linearized
 from nbl_dist.errors import CheckpointError, UnsupportedArchitectureError
-from nbl_dist.linearized import write_linearized
-from nbl_dist.safetensors_io import INDEX_NAME, SINGLE_NAME, tensor_specs
-from nbl_dist.validate import check_checkpoint
+from nbl_dist.model import synthetic
+from nbl_dist.model.arch import meta_model
+from nbl_dist.model.safetensors_io import INDEX_NAME, SINGLE_NAME, tensor_specs
+from nbl_dist.model.validate import check_checkpoint
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 

@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from nbl_dist.data import DataSource, tokenizer_fingerprint
-from nbl_dist.evaluate import heldout_blocks
+from nbl_dist.data.ledger import heldout_blocks, usage_record
+from nbl_dist.data.sources import DataSource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +23,15 @@ class HealBlocks:
     train_indices: list[int]
     kl_indices: list[int]
     reserved_indices: list[int]
-    relation: str  # how --data relates to the calibration's (evaluate.SAME_DATA, ...)
+    relation: str  # how --data relates to the calibration's (data.ledger.SAME_DATA, ...)
     excluded: int  # blocks skipped because a recorded run used them
 
     def record(self, source: DataSource, tokenizer, seq_len: int, seed: int) -> dict:
-        """The healing's data record (config.json's nbl.healing.data; evaluate.USED_BLOCK_KEYS lists what it used)."""
-        return {**source.to_record(), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
-                "seed": seed, "training_blocks": self.train_indices, "kl_blocks": self.kl_indices,
-                "reserved_for_eval": self.reserved_indices}
+        """The healing's data record (config.json's nbl.healing.data; data.ledger.USED_BLOCK_KEYS lists what it
+        used)."""
+        return usage_record(source, tokenizer, seq_len, seed, {"training_blocks": self.train_indices,
+                                                                 "kl_blocks": self.kl_indices,
+                                                                 "reserved_for_eval": self.reserved_indices})
 
 
 def heal_blocks(source: DataSource, tokenizer, seq_len: int, records: list[dict], reserve: int, kl: int,

@@ -1,5 +1,5 @@
 """HealConfig: the frozen, typed options of `nbl-dist heal`, built once at the entry point (CLI, YAML file,
-jobs/heal.py, Python API) by `HealConfig.from_dict` (nbl_dist/config.py's Options: unknown keys refused naming the
+jobs/heal.py, Python API) by `HealConfig.from_dict` (nbl_dist/options.py's Options: unknown keys refused naming the
 nearest option, values converted to their declared types, choices, minimums and conflicts checked) before any
 tokenizer or weight is read. Each field carries its command-line help, from which the `heal` flags are built.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from nbl_dist.config import DEVICES, DTYPES, Options, check_memory_sizes, option
 from nbl_dist.errors import ConfigError
+from nbl_dist.options import DEVICES, DTYPES, Options, check_memory_sizes, option
 
 LOSSES = ("kl", "ce", "kl+ce")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbl_dist.linearized import linearize_layer
-from nbl_dist.safetensors_io import load_tensors
-from nbl_dist.shard_model import ShardModel
+from nbl_dist.model.safetensors_io import load_tensors
+from nbl_dist.model.shard_model import ShardModel
+from nbl_dist.model.surgery import linearize_layer
 
 
 class TrainableMap(nn.Module):

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from nbl_dist.evaluate import HEAD_ROWS
-from nbl_dist.plan import fmt_bytes, layer_param_counts
+from nbl_dist.core.losses import HEAD_ROWS
+from nbl_dist.model.arch import layer_param_counts
+from nbl_dist.runtime.resources import fmt_bytes
 
 FLOAT32 = 4
 

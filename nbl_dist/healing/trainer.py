@@ -2,9 +2,8 @@
 a process group is up (Ray Train's workers), the whole thing in this process when not (tests, debugging).
 
 A step: this worker's share of the global batch through HealModel, the loss's gradient into the trained maps
-(losses.head_loss_backward, divided by the global batch's positions), the gradients summed over the workers in
-one all-reduce, then AdamW. Every worker holds the same maps and optimizer state and applies the same update, so
-the result of W workers equals one worker's at the same global batch, up to float round-off. No Ray.
+(core.losses.head_loss_backward, divided by the global batch's positions), the gradients summed over the workers in
+one all-reduce (training.distributed), then AdamW. No Ray.
 """
 
 from __future__ import annotations
@@ -12,42 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from nbl_dist.healing.losses import head_loss_backward, kl_sums
+from nbl_dist.core.losses import head_loss_backward, next_token_sums
 from nbl_dist.healing.model import HealModel
-
-
-def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
-    """step -> multiplier of the peak learning rate: linear warm-up over warmup_steps, then cosine to 0, linear to 0
-    or constant."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if schedule == "linear":
-            return 1 - progress
-        return 1.0
-    return factor
-
-
-def world() -> tuple[int, int]:
-    """(this worker's rank, number of workers): (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Floats summed over the workers (float64; the values themselves without a process group)."""
-    if world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+from nbl_dist.training.distributed import all_reduce_sum, sum_gradients, world
+from nbl_dist.training.schedule import lr_factor
 
 
 class Healer:
@@ -77,7 +45,7 @@ class Healer:
         self.optimizer.zero_grad(set_to_none=False)
         student, teacher = self.model.forward(ids.to(self.device), teacher=self.loss != "ce")
         sums = head_loss_backward(self.model.head, student, teacher, ids, self.loss, global_positions)
-        self._sum_gradients()
+        sum_gradients(self.params)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -87,16 +55,6 @@ class Healer:
         record = {"step": self.step, "lr": lr, **{k: v / global_positions for k, v in totals.items()}}
         self.history["train"].append(record)
         return record
-
-    def _sum_gradients(self) -> None:
-        """Every worker's gradients summed, in one all-reduce over a flat buffer (the maps are a few d x d)."""
-        if world()[1] == 1:
-            return
-        grads = [p.grad for p in self.params]
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(summed)
 
     @torch.no_grad()
     def heldout(self, blocks: torch.Tensor, batch_size: int) -> dict:
@@ -113,8 +71,9 @@ class Healer:
             counted = ids.shape[0] > 0
             ids = (ids if counted else blocks[:1]).to(self.device)
             student, teacher = self.model.forward(ids)
-            for k, v in kl_sums(self.model.head, student, teacher, ids).items():
-                sums[k] += v if counted else 0
+            measured = next_token_sums(self.model.head, student, ids, teacher)
+            for k, key in (("kl", "kl_sum"), ("ce", "loss_sum"), ("positions", "tokens")):
+                sums[k] += measured[key] if counted else 0
         kl, ce, n = all_reduce_sum([sums["kl"], sums["ce"], float(sums["positions"])], self.device)
         record = {"step": self.step, "kl": kl / n, "ce": ce / n}
         self.history["heldout"].append(record)

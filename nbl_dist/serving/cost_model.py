@@ -6,7 +6,8 @@ over the context, and the output head once per sequence) and bytes (every weight
 and values of the context read from the KV cache), and takes max(FLOPs / peak, bytes / bandwidth). A linearized
 layer swaps its attention's weights (q, k, v, o projections) for one d x d map, does no QK^T or AV, and keeps no
 keys or values. benchmarks/serve_vllm.py sets the ratio this predicts beside the one vLLM measures.
-Plain Python: no torch, no vLLM.
+Plain Python: it imports neither torch nor vLLM itself (importing it still runs nbl_dist/__init__.py, which
+imports torch and transformers to register the model classes).
 """
 
 from __future__ import annotations

@@ -28,13 +28,30 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from vllm.model_executor.models.llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+)
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2MLP, Qwen2Model
-from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
-from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
+from vllm.model_executor.models.qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2ForCausalLM,
+    Qwen2MLP,
+    Qwen2Model,
+)
+from vllm.model_executor.models.qwen3 import (
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    maybe_prefix,
+)
 
-from nbl_dist.modeling_nbl import linearized_layers
+from nbl_dist.model.modeling_nbl import linearized_layers
 
 MLPBuilder = Callable[..., nn.Module]  # (config, quant_config, prefix) -> the family's MLP
 

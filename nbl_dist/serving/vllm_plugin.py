@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from nbl_dist.modeling_nbl import NBL_FAMILIES, linearized_layers
+from nbl_dist.model.modeling_nbl import NBL_FAMILIES, linearized_layers
 
 MODELS_MODULE = "nbl_dist.serving.vllm_models"
 ARCHITECTURES = tuple(model_cls.__name__ for _, model_cls in NBL_FAMILIES.values())
@@ -23,7 +23,7 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from nbl_dist.linearized import register_auto_classes
+    from nbl_dist.model.registry import register_auto_classes
 
     register_auto_classes()
     supported = ModelRegistry.get_supported_archs()

@@ -44,8 +44,8 @@ def vllm_engine(folder, *, max_model_len: int = 256):
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """(SmolLM2-135M checkpoint folder, calibration plays, held-out plays), converted and split once into runs/."""
-    from nbl_dist.convert import convert_gguf, smollm2_gguf
-    from nbl_dist.corpora import shakespeare_split
+    from nbl_dist.artifact.convert import convert_gguf, smollm2_gguf
+    from nbl_dist.data.corpora import shakespeare_split
 
     cache = REPO / "runs" / "cache"
     return convert_gguf(smollm2_gguf(), cache / "smollm2-135m"), *shakespeare_split(cache / "shakespeare")

@@ -120,7 +120,7 @@ def test_smollm2_served_like_transformers_with_more_kv_capacity(smollm2, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from nbl_dist import load_linearized
-    from nbl_dist.data import load_blocks
+    from nbl_dist.data.blocks import load_blocks
 
     src, calib, _ = smollm2
     assert json.loads((src / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
