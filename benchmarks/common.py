@@ -36,3 +36,16 @@ def default_rule_folder(model_dir, calib, k: int):
               batch_size=4, dtype="float32", device="cpu", overwrite=True, checkpoint_dir=str(root / "statistics"),
               keep_checkpoint=True, log=print)
     return out
+
+
+def healed_folder(model_dir, calib, k: int = 8):
+    """The default-rule K folder healed with `nbl-dist heal`'s defaults (the kl loss, the default budget), on the
+    calibration plays; cached in runs/nbl-default/k<K>-healed, shared by the quantization and speculative-decoding
+    benchmarks."""
+    from nbl_dist import heal
+
+    out = REPO / "runs" / "nbl-default" / f"k{k}-healed"
+    if (out / "nbl_heal_report.json").exists():
+        return out
+    heal(default_rule_folder(model_dir, calib, k), model_dir, str(calib), out, overwrite=True, log=print)
+    return out
