@@ -30,7 +30,8 @@ def run_here(spec: dict, work: Path, device: str, log: Callable[..., None]) -> d
     """The engine step in the interpreter that has llm-compressor, on this machine; its result."""
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(spec, indent=2))
-    ENGINE.run(ENGINE_MODULE, [str(spec_file)], log=log, env={"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None)
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}  # llm-compressor takes any accelerator it sees
+    ENGINE.run(ENGINE_MODULE, [str(spec_file)], log=log, env={**hidden, "TQDM_DISABLE": "1"})  # bars: a line each
     return json.loads(Path(spec["result"]).read_text())
 
 
