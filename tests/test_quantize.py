@@ -182,3 +182,16 @@ def test_quantized_folder_loads_and_matches_its_dequantized_weights(quantized, c
                                                           for i in quantized_tiny.LINEARIZED)])
     elif linearized:
         assert {k.rsplit(".", 1)[1] for k in maps_keys} == {"weight_packed", "weight_scale", "weight_shape", "bias"}
+
+
+def test_job_refuses_bad_input_in_one_line(tmp_path):
+    """jobs/quantize.py goes through the CLI's error boundary: one line, exit status 2, nothing written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(quantized_tiny.REPO / "jobs" / "quantize.py"), "--model",
+                           str(tmp_path / "missing"), "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "does not exist or is not a folder" in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
