@@ -6,6 +6,7 @@ kept, measured in four steps, each writing its part of runs/quantize/results.jso
     .venv-vllm/bin/python benchmarks/quantize.py serve  # vLLM: weight memory, KV capacity, prefill and decode
     .venv/bin/python benchmarks/quantize.py awq         # AWQ against GPTQ at K = 0 and 8
     .venv/bin/python benchmarks/quantize.py order       # the other order at K = 8: quantize, dequantize, calibrate
+    .venv-vllm/bin/python benchmarks/quantize.py vllm-serve  # `vllm serve` on K = 8 W4A16 against transformers
     .venv/bin/python benchmarks/quantize.py table       # the tables, as RESULTS.md has them
 
 Quantization data: the calibration plays (--data of the NBL folders), every option at nbl-dist quantize's default
@@ -216,6 +217,78 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
                                    "rounds": rounds, "kv_space_gib": KV_SPACE_GIB, "eager": True})
 
 
+PROMPTS = ["To be, or not to be, that is the question:", "Now is the winter of our discontent",
+           "The capital of France is", "def fibonacci(n):"]
+
+
+def vllm_serve(folder: Path, dtype: str = "float32", new_tokens: int = 16) -> None:
+    """`vllm serve FOLDER --dtype float32` as a user types it (its own processes, torch.compile on): the log line
+    naming the 4-bit kernel, and per prompt a completion request's prompt log-probs and greedy tokens against
+    transformers' on the same folder (float32, this environment's transformers and compressed-tensors)."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nbl_dist  # noqa: F401
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = OUT / "vllm-serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_SPACE_GIB)}
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--dtype", dtype,
+                                 "--port", str(port), "--max-model-len", "1024"], stdout=sink,
+                                stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    rows, worst = [], 0.0
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(3)
+        for text in PROMPTS:
+            ids = tok(text, add_special_tokens=False).input_ids
+            body = {"model": str(folder), "prompt": text, "max_tokens": new_tokens, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True, "logprobs": 0, "prompt_logprobs": 0}
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                choice = json.loads(r.read())["choices"][0]
+            served = [choice["prompt_logprobs"][i][str(t)]["logprob"] for i, t in enumerate(ids) if i > 0]
+            seq = list(ids)
+            with torch.no_grad():
+                for _ in range(new_tokens):
+                    seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+            want = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+            diff = max(abs(a - b) for a, b in zip(served, want))
+            worst = max(worst, diff)
+            rows.append({"prompt": text, "max_prompt_logprob_diff": diff,
+                         "greedy_equal": choice["token_ids"] == seq[len(ids):], "text": choice["text"]})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    kernel_lines = sorted({line.split("] ", 1)[-1].strip() for line in log.read_text().splitlines()
+                           if "for CompressedTensorsWNA16" in line})
+    print("log:", kernel_lines, "largest prompt log-prob difference", worst)
+    update_results("vllm_serve", {"folder": str(folder), "dtype": dtype, "kernel_log": kernel_lines,
+                                  "max_prompt_logprob_diff": worst, "prompts": rows})
+
+
 def table() -> None:
     results = json.loads(RESULTS.read_text())
     q = results.get("quality", {})
@@ -261,7 +334,7 @@ def table() -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["quality", "serve", "awq", "order", "table"])
+    ap.add_argument("step", choices=["quality", "serve", "awq", "order", "vllm-serve", "table"])
     ap.add_argument("--names", nargs="+", help="quality: only these folders (K=0, K=4, ..., 'K=8 healed')")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -277,6 +350,8 @@ def main():
         awq()
     elif a.step == "order":
         order()
+    elif a.step == "vllm-serve":
+        vllm_serve(OUT / "K8-w4a16-gptq-quantize")
     else:
         table()
 
