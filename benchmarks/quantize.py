@@ -39,14 +39,18 @@ def update_results(key: str, value) -> None:
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
 
 
-def float_folders() -> dict[str, Path]:
-    """name -> float folder: the original (K = 0), the default rule's K = 4, 8, 12, and K = 8 healed."""
+FLOAT_NAMES = ("K=0", "K=4", "K=8", "K=12", "K=8 healed")
+
+
+def float_folder(name: str) -> Path:
+    """The float folder of a name of FLOAT_NAMES: the original (K = 0), the default rule's K = 4, 8, 12, and K = 8
+    healed; built (and cached) only when asked for, so that one step can run while the cache of another builds."""
     model_dir, calib, _ = common.smollm2_and_plays()
-    folders = {"K=0": model_dir, **{f"K={k}": common.default_rule_folder(model_dir, calib, k) for k in (4, 8, 12)}}
-    healed = common.REPO / "runs" / "nbl-default" / "k8-healed"  # common.healed_folder, once the shared cache has it
-    if (healed / "nbl_heal_report.json").exists():
-        folders["K=8 healed"] = healed
-    return folders
+    if name == "K=0":
+        return model_dir
+    if name == "K=8 healed":
+        return common.healed_folder(model_dir, calib, 8)
+    return common.default_rule_folder(model_dir, calib, int(name.removeprefix("K=")))
 
 
 def quantized(name: str, folder: Path, calib: Path, method: str = "gptq", maps: str = "quantize") -> Path:
@@ -85,9 +89,8 @@ def perplexities(folder: Path, sets) -> dict[str, float]:
 def quality(names: list[str] | None) -> None:
     _, calib, _ = common.smollm2_and_plays()
     sets, rows = eval_sets(), {}
-    for name, folder in float_folders().items():
-        if names and name not in names:
-            continue
+    for name in names or FLOAT_NAMES:
+        folder = float_folder(name)
         row = {"float": perplexities(folder, sets)}
         for maps in ("quantize", "keep") if name != "K=0" else ("quantize",):
             q = quantized(name, folder, calib, maps=maps)
@@ -101,9 +104,9 @@ def quality(names: list[str] | None) -> None:
 
 def awq() -> None:
     _, calib, _ = common.smollm2_and_plays()
-    folders, sets, rows = float_folders(), eval_sets(), {}
+    sets, rows = eval_sets(), {}
     for name in ("K=0", "K=8"):
-        q = quantized(name, folders[name], calib, method="awq")
+        q = quantized(name, float_folder(name), calib, method="awq")
         report = json.loads((q / "nbl_quantize_report.json").read_text())
         rows[name] = {**perplexities(q, sets), "oneshot_s": report["timings"]["oneshot_s"]}
         print(name, "awq", json.dumps(rows[name]), flush=True)
@@ -175,7 +178,7 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
 
     model_dir, _, held = common.smollm2_and_plays()
     engines = {"original": model_dir}
-    for name in ("K=0", "K=4", "K=8", "K=12", "K=8 healed"):
+    for name in FLOAT_NAMES:
         engines[f"{name} W4A16"] = OUT / f"{name.replace('=', '').replace(' ', '-')}-w4a16-gptq-quantize"
     engines["K=8 W4A16 maps kept"] = OUT / "K8-w4a16-gptq-keep"
     tok = AutoTokenizer.from_pretrained(model_dir)
