@@ -168,7 +168,10 @@ def kernels(model) -> list[str]:
                    if getattr(getattr(m, "scheme", None), "kernel", None) is not None})
 
 
-def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: list[str]) -> None:
+def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: list[str],
+          names: list[str] | None = None) -> None:
+    """vLLM on the original and the W4A16 folders (`names`: only these, beside the original, which every run
+    measures again so that its ratios are taken side by side)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(KV_SPACE_GIB)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function to the worker
     from transformers import AutoTokenizer
@@ -181,6 +184,8 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
     for name in FLOAT_NAMES:
         engines[f"{name} W4A16"] = OUT / f"{name.replace('=', '').replace(' ', '-')}-w4a16-gptq-quantize"
     engines["K=8 W4A16 maps kept"] = OUT / "K8-w4a16-gptq-keep"
+    if names:
+        engines = {k: v for k, v in engines.items() if k == "original" or k in names}
     tok = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream((p.read_text() for p in sorted(held.glob("*.txt"))), tok)
     prompts = [stream[s:s + prompt_len] for s in range(0, batch * prompt_len * 4, prompt_len)]
@@ -213,6 +218,11 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
                                      "decode_tok_s": batch * (new_tokens - 1) / (full - prefill)})
             row = {"weight_bytes": mem, "kv_tokens": kv, "kernels": used, "rounds": measured,
                    **{q: statistics.median(m[q] for m in measured) for q in ("prefill_tok_s", "decode_tok_s")}}
+            if name == "original":
+                ref = row
+            # Speeds as ratios to the original measured in this run (side by side: this machine is noisy).
+            row["vs_original"] = {q: row[q] / ref[q] for q in ("weight_bytes", "kv_tokens", "prefill_tok_s",
+                                                                "decode_tok_s")}
             rows[f"{name} {dtype}"] = row
             print(f"{name} {dtype}: {json.dumps({k: v for k, v in row.items() if k != 'rounds'})}", flush=True)
             update_results("serve", rows)
@@ -328,8 +338,8 @@ def table() -> None:
             print(f"{name}: weights {row['weight_bytes'] / 2**20:.1f} MiB ({row['weight_bytes'] / ref['weight_bytes']:.3f}"
                   f"; {row['weight_bytes'] / ref32['weight_bytes']:.3f} of float32), KV {row['kv_tokens']:,} "
                   f"({row['kv_tokens'] / ref['kv_tokens']:.3f}), prefill {row['prefill_tok_s']:.0f} tok/s "
-                  f"({row['prefill_tok_s'] / ref['prefill_tok_s']:.3f}), decode {row['decode_tok_s']:.1f} tok/s "
-                  f"({row['decode_tok_s'] / ref['decode_tok_s']:.3f}), kernels {row['kernels']}")
+                  f"({row['vs_original']['prefill_tok_s']:.3f}), decode {row['decode_tok_s']:.1f} tok/s "
+                  f"({row['vs_original']['decode_tok_s']:.3f}), kernels {row['kernels']}")
     for key in ("awq", "order"):
         if key in results:
             print(f"\n{key}: {json.dumps(results[key])}")
@@ -338,7 +348,8 @@ def table() -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("step", choices=["quality", "serve", "awq", "order", "vllm-serve", "table"])
-    ap.add_argument("--names", nargs="+", help="quality: only these folders (K=0, K=4, ..., 'K=8 healed')")
+    ap.add_argument("--names", nargs="+", help="quality: only these folders (K=0, K=4, ..., 'K=8 healed'); serve: "
+                                               "only these engines beside the original ('K=8 healed W4A16', ...)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -348,7 +359,7 @@ def main():
     if a.step == "quality":
         quality(a.names)
     elif a.step == "serve":
-        serve(a.batch, a.prompt_len, a.new_tokens, a.rounds, a.dtypes)
+        serve(a.batch, a.prompt_len, a.new_tokens, a.rounds, a.dtypes, a.names)
     elif a.step == "awq":
         awq()
     elif a.step == "order":
