@@ -173,7 +173,9 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
     """vLLM on the original and the W4A16 folders (`names`: only these, beside the original, which every run
     measures again so that its ratios are taken side by side)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(KV_SPACE_GIB)
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function to the worker
+    # The engine in this process (as the serving tests run it): apply_model's functions, defined in __main__ here,
+    # cannot be pickled to a worker process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoTokenizer
 
     from nbl_dist.data.blocks import token_stream
@@ -204,7 +206,7 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
                 print(f"skip {name}: {folder} missing", flush=True)
                 continue
             with open_llm(folder, dtype=dtype, max_model_len=1024, seed=0, enable_prefix_caching=False,
-                          enforce_eager=True, disable_log_stats=True) as llm:
+                          enforce_eager=True, disable_log_stats=True, distributed_executor_backend="uni") as llm:
                 mem = llm.apply_model(weight_bytes)[0]
                 used = llm.apply_model(kernels)[0]
                 kv = kv_capacity_tokens(llm)
