@@ -48,20 +48,13 @@ class LoopConfig:
     blocks: object  # ray.ObjectRef of {"train": (N, T), "kl": (M, T)} int64 tensors
 
 
-def step_blocks(order: torch.Tensor, step: int, batch_size: int, rank: int, workers: int) -> torch.Tensor:
-    """Indices of the training blocks this worker takes at `step`: its contiguous share of the global batch."""
-    batch = order[step * batch_size:(step + 1) * batch_size]
-    share = batch_size // workers
-    return batch[rank * share:(rank + 1) * share]
-
-
 def heal_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     from nbl_dist.healing.model import HealModel
     from nbl_dist.healing.trainer import Healer
     from nbl_dist.model.safetensors_io import torch_dtype
     from nbl_dist.runtime.progress import Progress
-    from nbl_dist.training.distributed import world
+    from nbl_dist.training.distributed import step_share, world
 
     cfg = LoopConfig(**config)
     if cfg.threads:
@@ -94,7 +87,7 @@ def heal_loop(config: dict) -> None:
         else (lambda tokens: None)
     positions = cfg.batch_size * (cfg.seq_len - 1)
     while healer.step < cfg.steps:
-        mine = step_blocks(order, healer.step, cfg.batch_size, rank, workers)
+        mine = step_share(order, healer.step, cfg.batch_size, rank, workers)
         healer.train_step(train_blocks[mine], positions)
         if healer.step % cfg.eval_every == 0 or healer.step == cfg.steps:
             healer.heldout(kl_blocks, cfg.batch_size)
