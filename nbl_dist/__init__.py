@@ -9,18 +9,19 @@ from nbl_dist.model.registry import register_auto_classes
 
 if typing.TYPE_CHECKING:
     from nbl_dist.calibration.pipeline import calibrate_api as calibrate
+    from nbl_dist.drafting.pipeline import draft_api as draft
     from nbl_dist.healing.pipeline import heal_api as heal
 
 # AutoConfig / AutoModelForCausalLM.from_pretrained load nbl-dist output folders once nbl_dist is imported. This
 # imports torch and transformers' model classes (a few seconds); the pipeline itself is imported on first use.
 register_auto_classes()
 
-__all__ = ["calibrate", "heal", "load_linearized"]
+__all__ = ["calibrate", "draft", "heal", "load_linearized"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # PEP 562: `import nbl_dist` to load a model need not import the calibration or healing pipeline.
+    # PEP 562: `import nbl_dist` to load a model need not import the calibration, healing or drafting pipeline.
     if name == "calibrate":
         from nbl_dist.calibration.pipeline import calibrate_api
 
@@ -29,4 +30,8 @@ def __getattr__(name: str):
         from nbl_dist.healing.pipeline import heal_api
 
         return heal_api
+    if name == "draft":
+        from nbl_dist.drafting.pipeline import draft_api
+
+        return draft_api
     raise AttributeError(f"module 'nbl_dist' has no attribute {name!r}")
