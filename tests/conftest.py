@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nbl_dist.model import synthetic
-from tests.helpers import CORPUS  # noqa: E402
+from tests.helpers import CORPUS, RayHead  # noqa: E402
 
 # The serving tests run in the vLLM environment (.venv-vllm; `make test` runs them there after the rest).
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["serving"]
@@ -47,3 +47,11 @@ def make_model_dir(tmp_path_factory, tokenizer):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One `ray start --head` cluster for every test that submits a Ray job (each used to start its own: ~15 s)."""
+    head = RayHead()
+    yield head
+    head.close()

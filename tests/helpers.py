@@ -154,3 +154,100 @@ def write_nbl_folder(src, out, layers, blocks, batch_size=4):
     write_linearized(src, out, sorted(layers), backend.get_fit)
     backend.close()
     return Path(out)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A head node started with `ray start --head` (its own process group, temp dir and ports, the dashboard on for
+    `ray job submit`), as users start one; shared by the tests that submit jobs to it (tests/conftest.py ray_head).
+
+    Attributes:
+        address: the dashboard's address, for `ray job submit --address`.
+        gcs: the cluster's address, for ray.init.
+        env: the environment the `ray` commands run in (token authentication off, this venv's `ray` first).
+        bin: the venv's bin folder.
+    """
+
+    def __init__(self):
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        self.bin = Path(sys.executable).parent
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                    "PATH": f"{self.bin}:{os.environ['PATH']}"}
+        temp_dir = tempfile.mkdtemp(prefix="nblray", dir="/tmp")  # short: Ray's socket paths are length-limited
+        gcs_port, dash_port = free_port(), free_port()
+        self.gcs, self.address = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
+        self.process = subprocess.Popen(
+            [str(self.bin / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+             f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def submit(self, entry: list[str], working_dir: Path, wait: bool = True) -> tuple[int, str]:
+        """`ray job submit --address ... --working-dir ... [--no-wait] -- <entry>`, retried while the head's job API
+        comes up. Returns (exit status, its output)."""
+        import subprocess
+        import time
+
+        command = [str(self.bin / "ray"), "job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
+                   *([] if wait else ["--no-wait"]), "--", *entry]
+        deadline = time.time() + 120
+        while True:
+            proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=600)
+            text = proc.stdout + proc.stderr
+            if proc.returncode == 0 or time.time() > deadline or "Connection" not in text:
+                return proc.returncode, text
+            time.sleep(2)
+
+    def job_id(self, output: str) -> str:
+        """The job id a `ray job submit --no-wait` printed."""
+        return next(w.strip("'") for line in output.splitlines() if "submitted successfully" in line
+                    for w in line.split() if w.strip("'").startswith("raysubmit_"))
+
+    def status(self, job: str, timeout: float) -> str:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED), or TIMEOUT."""
+        import time
+
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.address)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = str(client.get_job_status(job)).split(".")[-1]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(1)
+        return "TIMEOUT"
+
+    def logs(self, job: str) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address).get_job_logs(job)
+
+    def stop(self, job: str) -> None:
+        import subprocess
+
+        subprocess.run([str(self.bin / "ray"), "job", "stop", f"--address={self.address}", job], env=self.env,
+                       capture_output=True, timeout=120)
+
+    def close(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -104,13 +104,15 @@ def test_shipped_configs_parse():
         cfg = config_from_args(args, load_yaml(path))
         assert cfg.model and cfg.out and (cfg.linearize or cfg.max_bound), path
     from nbl_dist.healing.config import HealConfig
+    from nbl_dist.quantization.config import QuantizeConfig
 
-    heal_configs = sorted((REPO / "jobs" / "configs" / "heal").glob("*.yaml"))
-    assert heal_configs
-    for path in heal_configs:
-        args = parser.parse_args(["heal", "--config", str(path)])
-        cfg = config_from_args(args, load_yaml(path), HealConfig)
-        assert cfg.model and cfg.baseline and cfg.data and cfg.out, path
+    for command, cls in (("heal", HealConfig), ("quantize", QuantizeConfig)):
+        configs = sorted((REPO / "jobs" / "configs" / command).glob("*.yaml"))
+        assert configs, command
+        for path in configs:
+            args = parser.parse_args([command, "--config", str(path)])
+            cfg = config_from_args(args, load_yaml(path), cls)
+            assert all(getattr(cfg, name) for name in cls.REQUIRED), path
 
 
 def calibrate_subparser():

@@ -2,12 +2,7 @@
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,14 +72,8 @@ def test_two_node_cluster_places_stages_on_both_nodes(make_model_dir, tmp_path):
             assert (got[k] - want[k]).abs().max() <= 1e-9 * want[k].abs().max()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit(make_model_dir, tmp_path):
-    """Start a head node, submit jobs/calibrate.py with `ray job submit`, check the output, stop that head."""
+def test_ray_job_submit(make_model_dir, tmp_path, ray_head):
+    """Submit jobs/calibrate.py with `ray job submit` to a head started with `ray start --head`; check the output."""
     if ray.is_initialized():
         ray.shutdown()
     src = make_model_dir("llama", torch.float32)
@@ -93,49 +82,24 @@ def test_ray_job_submit(make_model_dir, tmp_path):
     for i, text in enumerate(CORPUS[:5]):
         (data / f"doc{i}.txt").write_text(text)
     out = tmp_path / "job-out"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    temp_dir = tempfile.mkdtemp(prefix="nblray", dir="/tmp")  # short: Ray's socket paths are length-limited
-    gcs_port, dash_port = free_port(), free_port()
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-         f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    code, log = ray_head.submit(
+        ["python", "jobs/calibrate.py", "--model", str(src), "--data", str(data), "--out", str(out), "--samples", "4",
+         "--seq-len", "32", "--linearize", "1", "--stages", "2", "--batch-size", "2", "--rank-by", "cca"], REPO)
+    # no --address: as the README prints it; cca: four tiny blocks, none to spare for the default rule's held-back
+    # measurement
+    assert code == 0, log[-4000:]
+    assert "succeeded" in log, log[-4000:]
+    assert "Shard plan" in log and "tok/s" in log  # plan and progress reach the job's log
+    report = json.loads((out / "nbl_report.json").read_text())
+    assert len(report["selected_layers"]) == 1 and len(report["placement"]) == 2
+    assert (out / "model-nbl.safetensors").exists() and (out / "tokenizer.json").exists()
+    # The actors ran on the job's cluster (its one node, the head), not on a private Ray the job started.
+    ray.init(address=ray_head.gcs)
     try:
-        address = f"http://127.0.0.1:{dash_port}"
-        submit = [str(VENV_BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
-                  "--", "python", "jobs/calibrate.py", "--model", str(src), "--data", str(data),
-                  "--out", str(out), "--samples", "4", "--seq-len", "32", "--linearize", "1",
-                  "--stages", "2", "--batch-size", "2", "--rank-by", "cca"]  # no --address: as the README prints it;
-        # cca: four tiny blocks, none to spare for the default rule's held-back measurement
-        deadline = time.time() + 120
-        while True:  # the dashboard's job API comes up a few seconds after the head
-            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if proc.returncode == 0 or time.time() > deadline or "Connection" not in proc.stdout + proc.stderr:
-                break
-            time.sleep(2)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-4000:]
-        assert "succeeded" in log, log[-4000:]
-        assert "Shard plan" in log and "tok/s" in log  # plan and progress reach the job's log
-        report = json.loads((out / "nbl_report.json").read_text())
-        assert len(report["selected_layers"]) == 1 and len(report["placement"]) == 2
-        assert (out / "model-nbl.safetensors").exists() and (out / "tokenizer.json").exists()
-        # The actors ran on the job's cluster (its one node, the head), not on a private Ray the job started.
-        ray.init(address=f"127.0.0.1:{gcs_port}")
-        try:
-            head_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        finally:
-            ray.shutdown()
-        assert len(head_ids) == 1 and {p["node"] for p in report["placement"]} == head_ids, report["placement"]
+        head_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        ray.shutdown()
+    assert len(head_ids) == 1 and {p["node"] for p in report["placement"]} == head_ids, report["placement"]
 
 
 def test_lost_node_actor_comes_back_on_the_spare_node(make_model_dir, tmp_path):

@@ -6,8 +6,6 @@ its last checkpoint to the undisturbed maps; a plan that does not fit is refused
 import json
 import os
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -138,15 +136,7 @@ def test_two_sharded_workers_one_killed_mid_run_equal_one_worker(setup, one_work
     print(f"2 workers, one killed, vs 1 worker: largest relative difference of the maps {worst:.1e}")
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_job_submit_stopped_and_submitted_again_resumes(setup, one_worker, tmp_path):
+def test_job_submit_stopped_and_submitted_again_resumes(setup, one_worker, tmp_path, ray_head):
     """`ray job submit ... jobs/heal.py` with 2 workers on a `ray start` head; the job is stopped once a checkpoint
     is written (the driver gone), the same command submitted again continues from that checkpoint and ends with the
     maps of the undisturbed 1-worker run."""
@@ -156,74 +146,24 @@ def test_job_submit_stopped_and_submitted_again_resumes(setup, one_worker, tmp_p
         ray.shutdown()
     src, out, data, root = setup
     healed = tmp_path / "job-healed"
-    venv = Path(os.sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{venv}:{os.environ['PATH']}"}
-    temp_dir = tempfile.mkdtemp(prefix="nblheal", dir="/tmp")
-    gcs_port, dash_port = free_port(), free_port()
-    head = subprocess.Popen(
-        [str(venv / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-         f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash_port}"
     options = [f"--{k.replace('_', '-')}={v}" for k, v in STEPS.items()]
-    submit = [str(venv / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--no-wait",
-              "--", "python", "jobs/heal.py", "--model", str(out), "--baseline", str(src), "--data", str(data),
-              "--out", str(healed), "--workers", "2", *options]
-    try:
-        first = submitted(submit, env)
-        storage = healed.parent / f".{healed.name}.heal"
-        deadline = time.time() + 180
-        while time.time() < deadline and not any('"checkpoint_dir_name"' in p.read_text() for p in
-                                                  storage.glob("*/checkpoint_manager_snapshot.json")):
-            time.sleep(0.2)
-        assert list(storage.glob("*/checkpoint_*")), job_logs(address, first, env)
-        subprocess.run([str(venv / "ray"), "job", "stop", f"--address={address}", first], env=env,
-                       capture_output=True, timeout=120)
-        assert not healed.exists()
-        second = submitted(submit, env)
-        status = wait_for_job(address, second, env, timeout=300)
-        logs = job_logs(address, second, env)
-        assert status == "SUCCEEDED", logs[-4000:]
-        assert "resumed from the checkpoint of step" in logs and "healed: held-out KL" in logs, logs[-4000:]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+    entry = ["python", "jobs/heal.py", "--model", str(out), "--baseline", str(src), "--data", str(data),
+             "--out", str(healed), "--workers", "2", *options]
+    code, text = ray_head.submit(entry, REPO, wait=False)
+    assert code == 0, text[-3000:]
+    first = ray_head.job_id(text)
+    storage = healed.parent / f".{healed.name}.heal"
+    deadline = time.time() + 180
+    while time.time() < deadline and not any('"checkpoint_dir_name"' in p.read_text() for p in
+                                              storage.glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.2)
+    assert list(storage.glob("*/checkpoint_*")), ray_head.logs(first)
+    ray_head.stop(first)
+    assert not healed.exists()
+    code, text = ray_head.submit(entry, REPO, wait=False)
+    assert code == 0, text[-3000:]
+    second = ray_head.job_id(text)
+    status, logs = ray_head.status(second, timeout=300), ray_head.logs(second)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "resumed from the checkpoint of step" in logs and "healed: held-out KL" in logs, logs[-4000:]
     assert_same_maps(maps(healed), maps(one_worker[0]))
-
-
-def submitted(submit: list[str], env: dict) -> str:
-    """The job id of a `ray job submit --no-wait` (retried while the head's job API comes up)."""
-    deadline = time.time() + 120
-    while True:
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-        text = proc.stdout + proc.stderr
-        if proc.returncode == 0:
-            return next(w.strip("'") for line in text.splitlines() if "submitted successfully" in line
-                        for w in line.split() if w.strip("'").startswith("raysubmit_"))
-        assert time.time() < deadline and "Connection" in text, text[-3000:]
-        time.sleep(2)
-
-
-def wait_for_job(address: str, job: str, env: dict, timeout: float) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = str(client.get_job_status(job)).split(".")[-1]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status
-        time.sleep(1)
-    return "TIMEOUT"
-
-
-def job_logs(address: str, job: str, env: dict) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address).get_job_logs(job)

@@ -66,7 +66,8 @@ class ModelFolder:
 
     @property
     def data_records(self) -> list[dict]:
-        """Every record of which blocks of --data a run made this folder with: its calibration's, its healing's."""
+        """Every record of which blocks of --data a run made this folder with: its calibration's, its healing's, its
+        quantization's."""
         from nbl_dist.data.ledger import data_records
 
         return data_records(self.nbl)

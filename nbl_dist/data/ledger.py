@@ -1,9 +1,10 @@
 """The ledger of which blocks of --data a run used, so that no later run trains or evaluates on them.
 
 Calibration records the blocks it took its statistics from and held back (`calibration_record`), healing the
-blocks it trained on, measured its KL on and left for eval (healing.blocks), drafting the blocks that prompted the
-target (drafting.data); each record is kept in the output folder (the "nbl" section of a model's config.json, a
-draft's nbl_draft.json) beside the data's fingerprint and the tokenizer's. `heldout_blocks` reads --data again and
+blocks it trained on, measured its KL on and left for eval (healing.blocks), quantization the blocks GPTQ or AWQ
+calibrated on and those it left for eval (quantization.blocks), drafting the blocks that prompted the target
+(drafting.data); each record is kept in the output folder (the "nbl" section of a model's config.json, a draft's
+nbl_draft.json) beside the data's fingerprint and the tokenizer's. `heldout_blocks` reads --data again and
 skips every block that overlaps one a record lists, comparing token ranges, so another --seq-len is fine.
 """
 
@@ -46,9 +47,9 @@ class HeldOutBlocks:
                 "given in memory): no block skipped")
 
 
-# The keys of a data record (calibration_record, healing's, drafting's) that list blocks a run used.
-USED_BLOCK_KEYS = ("statistics_blocks", "held_back_blocks", "training_blocks", "kl_blocks", "draft_prompt_blocks",
-                   "draft_heldout_blocks")
+# The keys of a data record (calibration_record, healing's, quantization's, drafting's) that list blocks a run used.
+USED_BLOCK_KEYS = ("statistics_blocks", "held_back_blocks", "training_blocks", "kl_blocks", "quantization_blocks",
+                   "draft_prompt_blocks", "draft_heldout_blocks")
 
 
 def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, run: dict | list[dict] | None,
@@ -99,9 +100,10 @@ def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, ru
 
 
 def data_records(nbl_section: dict) -> list[dict]:
-    """Every data record of an output folder's "nbl" section: its calibration's, and its healing's if healed."""
-    healing = nbl_section.get("healing") or {}
-    return [r for r in (nbl_section.get("data"), healing.get("data")) if r]
+    """Every data record of an output folder's "nbl" section: its calibration's, its healing's if healed, its
+    quantization's if quantized."""
+    later = [nbl_section.get(k) or {} for k in ("healing", "quantization")]
+    return [r for r in (nbl_section.get("data"), *(s.get("data") for s in later)) if r]
 
 
 def _run_blocks(source: DataSource, tokenizer, records: list[dict]) -> tuple[str, list[tuple[int, set[int]]]]:

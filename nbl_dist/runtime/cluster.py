@@ -126,6 +126,17 @@ class RayCluster:
             self.ray.cancel(ref, force=True)
         return {node: self.ray.get(ref) if ref in ready else None for node, ref in refs.items()}
 
+    def run_task(self, fn: Callable, args: tuple, num_cpus: float, num_gpus: int = 0, name: str = "") -> object:
+        """fn(*args) as one task anywhere the cluster can place it (a workflow's single step on a GPU node, e.g.
+        quantization's llm-compressor step), its result returned; an exception it raises is re-raised here as it
+        was (Ray wraps it in a subclass of its own type), so an NBLError keeps its one-line message."""
+        task = self.ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
+                                           name=name or f"nbl-{fn.__name__}")
+        try:
+            return self.ray.get(task.remote(*args))
+        except self.ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
+
     def probe_gpus(self, timeout_s: float = 60.0) -> dict[str, dict | None]:
         """Each GPU node's gpu_memory_report, from a task holding one of its GPUs, before anything is loaded:
         the driver's own node may have no GPU and never initialises CUDA. Node id -> report (None: no answer)."""

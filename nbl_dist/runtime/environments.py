@@ -65,15 +65,16 @@ class Engine:
             f"({self.variable} is unset, {REPO / self.venv} does not exist): run `{self.install}` in the nbl-dist "
             f"repository, or install it beside nbl-dist and set {self.variable} to that environment's python")
 
-    def run(self, module: str, args: list[str], log: Callable[[str], None] = print) -> None:
+    def run(self, module: str, args: list[str], log: Callable[[str], None] = print,
+            env: dict[str, str] | None = None) -> None:
         """`python -m module *args` in the engine's interpreter (this one's when it has the engine), its output
-        passed through line by line.
+        passed through line by line; `env` is added to this process's environment for it.
 
         Raises:
             NBLError: it failed; the message holds its last lines (an NBLError of its own is its last line).
         """
         python = self.interpreter() or sys.executable
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         tail: list[str] = []
         with subprocess.Popen([python, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env) as proc:

@@ -5,7 +5,9 @@ vLLM calls `register` in every process it starts (front end, engine core, worker
 registration inside a user's script would not reach them: it has to be an installed entry point). It registers the
 nbl_<family> configs with transformers' AutoConfig (vLLM parses config.json with it) and the NBL<Family>ForCausalLM
 architectures with vLLM's ModelRegistry, lazily, as "module:Class" strings: the model classes (vllm_models.py) are
-imported only when a folder names them. Safe to call any number of times.
+imported only when a folder names them. It also puts a float32 W4A16 kernel in front of vLLM's CPU ones
+(wna16_float32.py): vLLM's CPU build has none, so a quantized folder would fail in float32 at the first request.
+Safe to call any number of times.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ ARCHITECTURES = tuple(model_cls.__name__ for _, model_cls in NBL_FAMILIES.values
 log = logging.getLogger(__name__)
 
 
+def register_float32_wna16() -> None:
+    """The float32 W4A16 kernel (CPU only; vLLM's CPU build has none), in front of vLLM's CPU kernels."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from nbl_dist.serving.wna16_float32 import register
+
+        register()
+
+
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -26,6 +38,7 @@ def register() -> None:
     from nbl_dist.model.registry import register_auto_classes
 
     register_auto_classes()
+    register_float32_wna16()
     supported = ModelRegistry.get_supported_archs()
     for arch in ARCHITECTURES:
         if arch not in supported:
