@@ -52,35 +52,25 @@ def draft_loop(config: dict) -> None:
     from nbl_dist.drafting.model import TargetTaps, config_from_dict, draft_target_ids, load_draft
     from nbl_dist.drafting.trainer import DraftTrainer, step_counts
     from nbl_dist.model.safetensors_io import torch_dtype
-    from nbl_dist.runtime.progress import Progress
-    from nbl_dist.training.distributed import step_share, world
+    from nbl_dist.training.distributed import step_share
 
     cfg = LoopConfig(**config)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, workers = world()
-    device = ray_train.worker_device()
+    rank, workers, device = ray_train.start_worker(cfg.threads)
     data = ray_train.fetch(cfg.data)
     train, heldout = Sequences.from_dict(data["train"]), Sequences.from_dict(data["heldout"])
     draft = load_draft(config_from_dict(cfg.draft_config), load_file(cfg.initial)).to(device)
     target = TargetTaps(cfg.target, cfg.aux_layers, draft_target_ids(draft), torch_dtype(cfg.dtype), device)
     trainer = DraftTrainer(target, draft, ttt_steps=cfg.ttt_steps, lr=cfg.lr, schedule=cfg.schedule,
                            warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
-    state = ray_train.restored_state()
-    if state is not None:
-        trainer.load_state_dict(state)
-        if rank == 0:
-            print(f"drafting: resumed from the checkpoint of step {trainer.step}", file=ray_train.WORKER_OUT,
-                  flush=True)
+    ray_train.resume(trainer, "drafting", rank)
     train_mask, heldout_mask = train.loss_mask(), heldout.loss_mask()
     share = cfg.batch_size // workers
     if trainer.step == 0:
         trainer.heldout(heldout.ids, heldout_mask, share)  # before any step
     order = torch.randperm(train.ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     tokens_per_step = cfg.batch_size * train.ids.shape[1]
-    progress = Progress(cfg.steps * tokens_per_step, label="drafting", stream=ray_train.WORKER_OUT,
-                        done=trainer.step * tokens_per_step, detail=lambda: detail(trainer)) if rank == 0 \
-        else (lambda tokens: None)
+    progress = ray_train.progress(cfg.steps * tokens_per_step, trainer.step * tokens_per_step, "drafting", rank,
+                                  lambda: detail(trainer))
     while trainer.step < cfg.steps:
         batch = order[trainer.step * cfg.batch_size:(trainer.step + 1) * cfg.batch_size]
         mine = step_share(order, trainer.step, cfg.batch_size, rank, workers)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 # The layer config fields a draft copies from its target (the rest take LlamaConfig's defaults).
 LAYER_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters",
-                "rope_scaling", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+                "rope_scaling", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class TargetTaps:

@@ -21,6 +21,7 @@ from nbl_dist.core.losses import kl_divergence
 from nbl_dist.drafting.model import TargetTaps, draft_target_ids, trainable_parameters, ttt_logits
 from nbl_dist.training.distributed import all_reduce_sum, sum_gradients, world
 from nbl_dist.training.schedule import lr_factor
+from nbl_dist.training.state import TrainerState
 
 
 def step_masks(mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
@@ -68,7 +69,7 @@ def step_sums(logits: list[torch.Tensor], target_logits: torch.Tensor, ids: torc
     return kl, correct, total
 
 
-class DraftTrainer:
+class DraftTrainer(TrainerState):
     """Training state of one worker.
 
     Args:
@@ -140,17 +141,3 @@ class DraftTrainer:
                   "acceptance": 1.0 + sum(accuracy)}
         self.history["heldout"].append(record)
         return record
-
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs: the trained tensors, AdamW's moments, the schedule, the step, the
-        history."""
-        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"], strict=True):
-                p.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]

@@ -59,6 +59,38 @@ def fit(loop: Callable[[dict], None], config, *, workers: int, use_gpu: bool, cp
     return trainer.fit()
 
 
+def start_worker(threads: int | None) -> tuple[int, int, torch.device]:
+    """(rank, workers, device) of this Ray Train worker, with torch's thread count set to its CPUs (CPU workers;
+    None leaves it)."""
+    from nbl_dist.training.distributed import world
+
+    if threads:
+        torch.set_num_threads(threads)
+    rank, workers = world()
+    return rank, workers, worker_device()
+
+
+def resume(trainer, label: str, rank: int) -> None:
+    """Load the latest checkpoint's state into `trainer` (a TrainerState) when there is one (a worker restarted by
+    Ray Train, or a run started again), and say so once (rank 0)."""
+    state = restored_state()
+    if state is None:
+        return
+    trainer.load_state_dict(state)
+    if rank == 0:
+        print(f"{label}: resumed from the checkpoint of step {trainer.step}", file=WORKER_OUT, flush=True)
+
+
+def progress(total_tokens: int, done_tokens: int, label: str, rank: int, detail: Callable[[], str]) \
+        -> Callable[[int], None]:
+    """Rank 0's progress lines (runtime.progress.Progress on the worker's stdout); the other ranks' do nothing."""
+    from nbl_dist.runtime.progress import Progress
+
+    if rank != 0:
+        return lambda tokens: None
+    return Progress(total_tokens, label=label, stream=WORKER_OUT, done=done_tokens, detail=detail)
+
+
 def worker_device() -> torch.device:
     """This worker's device (its GPU, or the CPU)."""
     import ray.train.torch
