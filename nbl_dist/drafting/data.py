@@ -148,8 +148,8 @@ def _transformers_chunks(target_dir: str, prompts: torch.Tensor, new_tokens: int
 
     model = load_model(target_dir, "auto", dtype)
     device = next(model.parameters()).device
-    for start in range(0, prompts.shape[0], 8):
-        chunk = prompts[start:start + 8].to(device)
+    for start in range(0, prompts.shape[0], GENERATE_CHUNK):  # prompts of one length: a batch needs no padding
+        chunk = prompts[start:start + GENERATE_CHUNK].to(device)
         with torch.no_grad():
             out = model.generate(chunk, attention_mask=torch.ones_like(chunk), max_new_tokens=new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=eos)
