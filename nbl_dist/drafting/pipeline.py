@@ -185,16 +185,11 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
             eval_every=cfg.eval_every or max(1, steps // 10), checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
             threads=None if gpu else int(max(1, cpus)),
             data=cluster.ray.put({"train": train_seq.to_dict(), "heldout": held_seq.to_dict()}))
-        log(f"  Ray Train run {name!r} in {storage} (a rerun of this command resumes it)")
-        t_train = time.perf_counter()
-        result = ray_train.fit(draft_loop, loop, workers=cfg.workers, use_gpu=gpu, cpus_per_worker=cpus,
-                               storage=storage, name=name, max_failures=cfg.max_failures)
-        train_s = time.perf_counter() - t_train
+        result, train_s = ray_train.run(draft_loop, loop, log=log, storage=storage, name=name, workers=cfg.workers,
+                                        use_gpu=gpu, cpus_per_worker=cpus, max_failures=cfg.max_failures)
     cluster.close()
-    if result.error:
-        raise result.error
     with ray_train.final_checkpoint(result) as folder:
-        history = torch.load(folder / ray_train.STATE_NAME, weights_only=False)["history"]
+        history = ray_train.saved_history(folder)
         trained = load_draft(config_from_dict(initial["config"]), load_file(str(folder / DRAFT_NAME)))
     before, after = history["heldout"][0], history["heldout"][-1]
     report = {"target": str(target.path), "init": cfg.init, "out": str(out), "aux_layers": plan.aux_layers,

@@ -15,6 +15,7 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -89,6 +90,26 @@ def progress(total_tokens: int, done_tokens: int, label: str, rank: int, detail:
     if rank != 0:
         return lambda tokens: None
     return Progress(total_tokens, label=label, stream=WORKER_OUT, done=done_tokens, detail=detail)
+
+
+def run(loop: Callable[[dict], None], config, *, log: Callable[[str], None], storage: Path, name: str,
+        **scaling) -> tuple[object, float]:
+    """fit() announced in one log line and timed: (the finished run's Result, its seconds).
+
+    Raises:
+        the run's own error (a worker's exception once --max-failures are spent).
+    """
+    log(f"  Ray Train run {name!r} in {storage} (a rerun of this command resumes it)")
+    t0 = time.perf_counter()
+    result = fit(loop, config, storage=storage, name=name, **scaling)
+    if result.error:
+        raise result.error
+    return result, time.perf_counter() - t0
+
+
+def saved_history(folder: Path) -> dict:
+    """The history (training and held-out measurements) in a checkpoint folder's state."""
+    return torch.load(folder / STATE_NAME, weights_only=False)["history"]
 
 
 def worker_device() -> torch.device:
