@@ -64,8 +64,8 @@ def plan_draft(cfg: DraftConfig) -> Plan:
     if init is not None:
         aux = check_draft_fits(init, target)
         if cfg.aux_layers is not None and aux_layer_list(cfg.aux_layers) != aux:
-            raise ConfigError(f"--aux-layers {cfg.aux_layers} differs from the --init draft's taps {aux}: a refit keeps "
-                              "the draft's taps (drop --aux-layers, or train a new draft without --init)")
+            raise ConfigError(f"--aux-layers {cfg.aux_layers} differs from the --init draft's taps {aux}: a refit "
+                              "keeps the draft's taps (drop --aux-layers, or train a new draft without --init)")
         size = int(init["draft_vocab_size"])
         if cfg.draft_vocab is not None and cfg.draft_vocab != size:
             raise ConfigError(f"--draft-vocab {cfg.draft_vocab} differs from the --init draft's {size}: a refit keeps "

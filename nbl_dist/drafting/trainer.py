@@ -126,7 +126,8 @@ class DraftTrainer(TrainerState):
         n = self.ttt_steps
         kl_sum, correct, total = [0.0] * n, [0.0] * n, [0.0] * n
         for start in range(0, ids.shape[0], batch_size):
-            b_ids, b_mask = ids[start:start + batch_size].to(self.device), mask[start:start + batch_size].to(self.device)
+            b_ids = ids[start:start + batch_size].to(self.device)  # (b, T)
+            b_mask = mask[start:start + batch_size].to(self.device)
             taps, target_logits = self.target(b_ids)
             kl, c, t = step_sums(ttt_logits(self.draft, taps, b_ids, n), target_logits, b_ids, b_mask,
                                  self.target_ids)

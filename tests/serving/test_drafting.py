@@ -166,8 +166,8 @@ def test_training_unroll_equals_speculators_forward(drafted):
     try:
         with torch.no_grad():
             # speculators' alignment (eagle3.data.shift_batch): token x_{i+1} beside taps g_i, positions from 1
-            draft(hidden_states=taps[:, :-1], input_ids=ids[:, 1:], document_ids=torch.zeros(1, t - 1, dtype=torch.long),
-                  ttt_steps=3)
+            draft(hidden_states=taps[:, :-1], input_ids=ids[:, 1:], ttt_steps=3,
+                  document_ids=torch.zeros(1, t - 1, dtype=torch.long))
     finally:
         hook.remove()
     with torch.no_grad():
