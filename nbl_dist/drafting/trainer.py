@@ -10,7 +10,8 @@ summed over the workers in one all-reduce (training.distributed), then AdamW. No
 
 Accuracy at TTT position j: the share of trained positions where the draft's tokens at steps 0..j are all the
 target's own next tokens (the greedy continuation), i.e. where vLLM would accept j + 1 drafted tokens; its sum
-plus one predicts vLLM's mean acceptance length at --speculative-tokens = --ttt-steps.
+plus one estimates vLLM's mean acceptance length at --speculative-tokens = --ttt-steps (an average over every
+position; vLLM's rounds start more often where the draft is wrong, so its own mean is somewhat lower, §14).
 """
 
 from __future__ import annotations
