@@ -39,14 +39,18 @@ def update_results(key: str, value) -> None:
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
 
 
-def float_folders() -> dict[str, Path]:
-    """name -> float folder: the original (K = 0), the default rule's K = 4, 8, 12, and K = 8 healed."""
+FLOAT_NAMES = ("K=0", "K=4", "K=8", "K=12", "K=8 healed")
+
+
+def float_folder(name: str) -> Path:
+    """The float folder of a name of FLOAT_NAMES: the original (K = 0), the default rule's K = 4, 8, 12, and K = 8
+    healed; built (and cached) only when asked for, so that one step can run while the cache of another builds."""
     model_dir, calib, _ = common.smollm2_and_plays()
-    folders = {"K=0": model_dir, **{f"K={k}": common.default_rule_folder(model_dir, calib, k) for k in (4, 8, 12)}}
-    healed = common.REPO / "runs" / "nbl-default" / "k8-healed"  # common.healed_folder, once the shared cache has it
-    if (healed / "nbl_heal_report.json").exists():
-        folders["K=8 healed"] = healed
-    return folders
+    if name == "K=0":
+        return model_dir
+    if name == "K=8 healed":
+        return common.healed_folder(model_dir, calib, 8)
+    return common.default_rule_folder(model_dir, calib, int(name.removeprefix("K=")))
 
 
 def quantized(name: str, folder: Path, calib: Path, method: str = "gptq", maps: str = "quantize") -> Path:
@@ -85,9 +89,8 @@ def perplexities(folder: Path, sets) -> dict[str, float]:
 def quality(names: list[str] | None) -> None:
     _, calib, _ = common.smollm2_and_plays()
     sets, rows = eval_sets(), {}
-    for name, folder in float_folders().items():
-        if names and name not in names:
-            continue
+    for name in names or FLOAT_NAMES:
+        folder = float_folder(name)
         row = {"float": perplexities(folder, sets)}
         for maps in ("quantize", "keep") if name != "K=0" else ("quantize",):
             q = quantized(name, folder, calib, maps=maps)
@@ -101,9 +104,9 @@ def quality(names: list[str] | None) -> None:
 
 def awq() -> None:
     _, calib, _ = common.smollm2_and_plays()
-    folders, sets, rows = float_folders(), eval_sets(), {}
+    sets, rows = eval_sets(), {}
     for name in ("K=0", "K=8"):
-        q = quantized(name, folders[name], calib, method="awq")
+        q = quantized(name, float_folder(name), calib, method="awq")
         report = json.loads((q / "nbl_quantize_report.json").read_text())
         rows[name] = {**perplexities(q, sets), "oneshot_s": report["timings"]["oneshot_s"]}
         print(name, "awq", json.dumps(rows[name]), flush=True)
@@ -165,7 +168,10 @@ def kernels(model) -> list[str]:
                    if getattr(getattr(m, "scheme", None), "kernel", None) is not None})
 
 
-def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: list[str]) -> None:
+def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: list[str],
+          names: list[str] | None = None) -> None:
+    """vLLM on the original and the W4A16 folders (`names`: only these, beside the original, which every run
+    measures again so that its ratios are taken side by side)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(KV_SPACE_GIB)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function to the worker
     from transformers import AutoTokenizer
@@ -175,9 +181,11 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
 
     model_dir, _, held = common.smollm2_and_plays()
     engines = {"original": model_dir}
-    for name in ("K=0", "K=4", "K=8", "K=12", "K=8 healed"):
+    for name in FLOAT_NAMES:
         engines[f"{name} W4A16"] = OUT / f"{name.replace('=', '').replace(' ', '-')}-w4a16-gptq-quantize"
     engines["K=8 W4A16 maps kept"] = OUT / "K8-w4a16-gptq-keep"
+    if names:
+        engines = {k: v for k, v in engines.items() if k == "original" or k in names}
     tok = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream((p.read_text() for p in sorted(held.glob("*.txt"))), tok)
     prompts = [stream[s:s + prompt_len] for s in range(0, batch * prompt_len * 4, prompt_len)]
@@ -210,6 +218,11 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
                                      "decode_tok_s": batch * (new_tokens - 1) / (full - prefill)})
             row = {"weight_bytes": mem, "kv_tokens": kv, "kernels": used, "rounds": measured,
                    **{q: statistics.median(m[q] for m in measured) for q in ("prefill_tok_s", "decode_tok_s")}}
+            if name == "original":
+                ref = row
+            # Speeds as ratios to the original measured in this run (side by side: this machine is noisy).
+            row["vs_original"] = {q: row[q] / ref[q] for q in ("weight_bytes", "kv_tokens", "prefill_tok_s",
+                                                                "decode_tok_s")}
             rows[f"{name} {dtype}"] = row
             print(f"{name} {dtype}: {json.dumps({k: v for k, v in row.items() if k != 'rounds'})}", flush=True)
             update_results("serve", rows)
@@ -325,8 +338,8 @@ def table() -> None:
             print(f"{name}: weights {row['weight_bytes'] / 2**20:.1f} MiB ({row['weight_bytes'] / ref['weight_bytes']:.3f}"
                   f"; {row['weight_bytes'] / ref32['weight_bytes']:.3f} of float32), KV {row['kv_tokens']:,} "
                   f"({row['kv_tokens'] / ref['kv_tokens']:.3f}), prefill {row['prefill_tok_s']:.0f} tok/s "
-                  f"({row['prefill_tok_s'] / ref['prefill_tok_s']:.3f}), decode {row['decode_tok_s']:.1f} tok/s "
-                  f"({row['decode_tok_s'] / ref['decode_tok_s']:.3f}), kernels {row['kernels']}")
+                  f"({row['vs_original']['prefill_tok_s']:.3f}), decode {row['decode_tok_s']:.1f} tok/s "
+                  f"({row['vs_original']['decode_tok_s']:.3f}), kernels {row['kernels']}")
     for key in ("awq", "order"):
         if key in results:
             print(f"\n{key}: {json.dumps(results[key])}")
@@ -335,7 +348,8 @@ def table() -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("step", choices=["quality", "serve", "awq", "order", "vllm-serve", "table"])
-    ap.add_argument("--names", nargs="+", help="quality: only these folders (K=0, K=4, ..., 'K=8 healed')")
+    ap.add_argument("--names", nargs="+", help="quality: only these folders (K=0, K=4, ..., 'K=8 healed'); serve: "
+                                               "only these engines beside the original ('K=8 healed W4A16', ...)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -345,7 +359,7 @@ def main():
     if a.step == "quality":
         quality(a.names)
     elif a.step == "serve":
-        serve(a.batch, a.prompt_len, a.new_tokens, a.rounds, a.dtypes)
+        serve(a.batch, a.prompt_len, a.new_tokens, a.rounds, a.dtypes, a.names)
     elif a.step == "awq":
         awq()
     elif a.step == "order":
