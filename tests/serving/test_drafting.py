@@ -178,3 +178,20 @@ def test_training_unroll_equals_speculators_forward(drafted):
         n = t - 1 - j  # entries whose input tokens are in the row
         assert torch.allclose(got[:, :n], want[:, :n], atol=1e-5, rtol=0), (j, float((got - want).abs().max()))
 
+
+
+def test_every_family_a_draft_is_trained_for_has_vllm_taps():
+    """drafting.checks accepts exactly the families whose vLLM class, and the plugin's NBL class built from it, have
+    the EAGLE-3 interface (the aux hidden states), in the installed vLLM."""
+    from vllm.model_executor.models.interfaces import supports_eagle3
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    from nbl_dist.model.arch import SUPPORTED_MODEL_TYPES
+    from nbl_dist.serving import vllm_models
+
+    originals = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+    assert set(originals) == set(SUPPORTED_MODEL_TYPES)
+    for family, arch in originals.items():
+        assert supports_eagle3(ModelRegistry._try_load_model_cls(arch)), arch
+        assert supports_eagle3(getattr(vllm_models, "NBL" + arch)), family
