@@ -121,7 +121,7 @@ def run_fingerprint(plan: Plan, record: dict, cfg: DraftConfig, steps: int) -> s
 def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
     """Train a draft for cfg.target and write cfg.out. Returns the report (nbl_draft.json). Needs speculators."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from nbl_dist.artifact.publish import check_out
     from nbl_dist.data.blocks import tokenizer_fingerprint
@@ -170,8 +170,6 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
         device = resolve_device(cfg.device, cluster, cfg.workers)
         gpu = device == "cuda"
         cpus = cfg.cpus_per_worker or cluster.cpus_per_actor(cfg.workers, gpu=gpu)
-        from transformers import AutoConfig
-
         dtype = resolve_dtype(cfg.dtype, AutoConfig.from_pretrained(target.path), device)
         check_shared(cluster, cluster.worker_nodes(cpus, 1 if gpu else 0), str(storage),
                      {"target folder": str(target.path.resolve())},
@@ -255,7 +253,8 @@ def initial_draft(cfg: DraftConfig, plan: Plan, train, path: Path, log: Callable
         draft = new_draft(config, embed, head[draft_ids], draft_ids, cfg.seed)
     tokens = train.generated_tokens()
     coverage = float(torch.isin(tokens, draft_ids).float().mean()) if tokens.numel() else 0.0
-    log(f"  draft vocabulary: {plan.draft_vocab} tokens{' (the --init draft’s)' if plan.init else ''}, covering "
+    whose = " (the --init draft's)" if plan.init else ""
+    log(f"  draft vocabulary: {plan.draft_vocab} tokens{whose}, covering "
         f"{coverage:.1%} of the tokens the target generated")
     save_draft(draft, path)
     return {"config": config.to_dict(), "file": str(path)}, coverage
