@@ -86,13 +86,13 @@ def perplexities(folder: Path, sets) -> dict[str, float]:
     return {name: perplexity(model, blocks) for name, blocks in sets.items()}
 
 
-def quality(names: list[str] | None) -> None:
+def quality(names: list[str] | None, maps_options: list[str]) -> None:
     _, calib, _ = common.smollm2_and_plays()
     sets, rows = eval_sets(), {}
     for name in names or FLOAT_NAMES:
         folder = float_folder(name)
         row = {"float": perplexities(folder, sets)}
-        for maps in ("quantize", "keep") if name != "K=0" else ("quantize",):
+        for maps in maps_options if name != "K=0" else ("quantize",):
             q = quantized(name, folder, calib, maps=maps)
             report = json.loads((q / "nbl_quantize_report.json").read_text())
             row[f"w4a16 maps {maps}"] = {**perplexities(q, sets), "oneshot_s": report["timings"]["oneshot_s"]}
@@ -350,6 +350,8 @@ def main():
     ap.add_argument("step", choices=["quality", "serve", "awq", "order", "vllm-serve", "table"])
     ap.add_argument("--names", nargs="+", help="quality: only these folders (K=0, K=4, ..., 'K=8 healed'); serve: "
                                                "only these engines beside the original ('K=8 healed W4A16', ...)")
+    ap.add_argument("--maps", nargs="+", default=["quantize", "keep"], choices=["quantize", "keep"],
+                    help="quality: the --maps options to quantize each linearized folder with")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -357,7 +359,7 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     a = ap.parse_args()
     if a.step == "quality":
-        quality(a.names)
+        quality(a.names, a.maps)
     elif a.step == "serve":
         serve(a.batch, a.prompt_len, a.new_tokens, a.rounds, a.dtypes, a.names)
     elif a.step == "awq":
