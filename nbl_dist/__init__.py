@@ -9,6 +9,7 @@ from nbl_dist.model.registry import register_auto_classes
 
 if typing.TYPE_CHECKING:
     from nbl_dist.calibration.pipeline import calibrate_api as calibrate
+    from nbl_dist.drafting.pipeline import draft_api as draft
     from nbl_dist.healing.pipeline import heal_api as heal
     from nbl_dist.quantization.pipeline import quantize_api as quantize
 
@@ -16,12 +17,13 @@ if typing.TYPE_CHECKING:
 # imports torch and transformers' model classes (a few seconds); the pipeline itself is imported on first use.
 register_auto_classes()
 
-__all__ = ["calibrate", "heal", "load_linearized", "quantize"]
+__all__ = ["calibrate", "draft", "heal", "load_linearized", "quantize"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # PEP 562: `import nbl_dist` to load a model need not import the calibration, healing or quantization pipeline.
+    # PEP 562: `import nbl_dist` to load a model need not import a workflow's pipeline (calibration, healing,
+    # quantization, drafting).
     if name == "calibrate":
         from nbl_dist.calibration.pipeline import calibrate_api
 
@@ -34,4 +36,8 @@ def __getattr__(name: str):
         from nbl_dist.quantization.pipeline import quantize_api
 
         return quantize_api
+    if name == "draft":
+        from nbl_dist.drafting.pipeline import draft_api
+
+        return draft_api
     raise AttributeError(f"module 'nbl_dist' has no attribute {name!r}")

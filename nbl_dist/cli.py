@@ -1,4 +1,4 @@
-"""`nbl-dist` command line: calibrate, heal, quantize, plan, eval, bench, report, convert-gguf."""
+"""`nbl-dist` command line: calibrate, heal, quantize, draft, plan, eval, bench, report, convert-gguf."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from nbl_dist.calibration.config import CalibrationConfig
-from nbl_dist.errors import NBLError
+from nbl_dist.errors import NBLError, one_line
 from nbl_dist.options import DEVICES, DTYPES, flag, load_yaml
 
 # Options of `calibrate` that are not config fields: they say where the options come from.
@@ -106,6 +106,19 @@ def cmd_quantize(args) -> int:
     from nbl_dist.quantization.pipeline import quantize
 
     quantize(cfg)
+    return 0
+
+
+def cmd_draft(args) -> int:
+    # The whole config is converted and checked here, before any tokenizer or weight is read; the target and an
+    # --init draft are checked next, then the work runs where speculators is installed (drafting.pipeline).
+    from nbl_dist.drafting.config import DraftConfig
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    cfg = config_from_args(args, base, DraftConfig)
+    from nbl_dist.drafting.pipeline import run_draft
+
+    run_draft(cfg)
     return 0
 
 
@@ -229,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, QuantizeConfig, required=False)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("draft", help="train an EAGLE-3 draft for a target (original or nbl-dist output) on its own "
+                                     "continuations (Ray Train), in the speculators format vLLM loads")
+    from nbl_dist.drafting.config import DraftConfig
+
+    add_config_options(p, DraftConfig, required=False)
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+    p.set_defaults(func=cmd_draft)
     p = sub.add_parser("plan", help="shard plan, memory per actor and time estimate of a calibration, from the "
                                     "model's config alone (--model DIR or config.json; calibrate's options)")
     add_config_options(p, CalibrationConfig, required=False)
@@ -289,11 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     except NBLError as e:
         print(f"nbl-dist: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-
-
-def one_line(message: str) -> str:
-    """A message on one line (a log reader greps for the 'nbl-dist: error:' line)."""
-    return " ".join(line.strip() for line in message.splitlines())
 
 
 if __name__ == "__main__":

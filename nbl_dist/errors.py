@@ -43,3 +43,8 @@ class MissingExtraError(NBLError):
 
 class WorkerLostError(NBLError):
     """Actors died more often than --max-restarts allows."""
+
+
+def one_line(message: str) -> str:
+    """A message on one line (a log reader greps for the 'nbl-dist: error:' line)."""
+    return " ".join(line.strip() for line in message.splitlines())

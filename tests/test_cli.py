@@ -103,10 +103,11 @@ def test_shipped_configs_parse():
         args = parser.parse_args(["calibrate", "--config", str(path)])
         cfg = config_from_args(args, load_yaml(path))
         assert cfg.model and cfg.out and (cfg.linearize or cfg.max_bound), path
+    from nbl_dist.drafting.config import DraftConfig
     from nbl_dist.healing.config import HealConfig
     from nbl_dist.quantization.config import QuantizeConfig
 
-    for command, cls in (("heal", HealConfig), ("quantize", QuantizeConfig)):
+    for command, cls in (("heal", HealConfig), ("quantize", QuantizeConfig), ("draft", DraftConfig)):
         configs = sorted((REPO / "jobs" / "configs" / command).glob("*.yaml"))
         assert configs, command
         for path in configs:

@@ -1,5 +1,6 @@
 """The next-token losses, per predicted position, and their sums over the positions of (B, T, d) hidden states:
-the one implementation that calibration's measured rules, evaluation and healing all use (docs/method.md §6a, §12).
+the one implementation that calibration's measured rules, evaluation, healing and drafting all use (docs/method.md
+§6a, §12, §14).
 
 With p the original's next-token distribution at a position, q the linearized model's and y the token that came
 next:  kl = sum_v p(v) (log p(v) - log q(v))   (forward KL divergence from the original)
@@ -26,6 +27,16 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
+def kl_divergence(logits: torch.Tensor, reference_logits: torch.Tensor, logq: torch.Tensor | None = None) \
+        -> torch.Tensor:
+    """KL(reference || this) per position, (...,) of logits (..., V) and the reference's logits (..., V): the forward
+    KL divergence from the reference's next-token distribution (healing: the original's; drafting: the target's).
+    `logq`: log_probs(logits) when the caller has it already."""
+    logq = log_probs(logits) if logq is None else logq
+    logp = log_probs(reference_logits)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def position_losses(logits: torch.Tensor, reference_logits: torch.Tensor | None,
                     targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position ce (n,) of logits (n, V) against the next tokens (n,), and kl (n,) from the original's
@@ -33,8 +44,7 @@ def position_losses(logits: torch.Tensor, reference_logits: torch.Tensor | None,
     logq = log_probs(logits)  # (n, V)
     out = {"ce": F.nll_loss(logq, targets, reduction="none")}
     if reference_logits is not None:
-        logp = log_probs(reference_logits)
-        out["kl"] = (logp.exp() * (logp - logq)).sum(-1)
+        out["kl"] = kl_divergence(logits, reference_logits, logq)
     return out
 
 

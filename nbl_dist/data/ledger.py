@@ -2,8 +2,9 @@
 
 Calibration records the blocks it took its statistics from and held back (`calibration_record`), healing the
 blocks it trained on, measured its KL on and left for eval (healing.blocks), quantization the blocks GPTQ or AWQ
-calibrated on and those it left for eval (quantization.blocks); each record is kept in the output
-folder's "nbl" section beside the data's fingerprint and the tokenizer's. `heldout_blocks` reads --data again and
+calibrated on and those it left for eval (quantization.blocks), drafting the blocks that prompted the target
+(drafting.data); each record is kept in the output folder (the "nbl" section of a model's config.json, a draft's
+nbl_draft.json) beside the data's fingerprint and the tokenizer's. `heldout_blocks` reads --data again and
 skips every block that overlaps one a record lists, comparing token ranges, so another --seq-len is fine.
 """
 
@@ -13,7 +14,7 @@ import dataclasses
 
 import torch
 
-from nbl_dist.data.blocks import BlockStream, tokenizer_fingerprint
+from nbl_dist.data.blocks import BlockStream, seeded_choice, tokenizer_fingerprint
 from nbl_dist.data.sources import DataSource
 from nbl_dist.errors import DataError
 
@@ -46,16 +47,19 @@ class HeldOutBlocks:
                 "given in memory): no block skipped")
 
 
-# The keys of a data record (calibration_record, healing's, quantization's) that list blocks a run used.
-USED_BLOCK_KEYS = ("statistics_blocks", "held_back_blocks", "training_blocks", "kl_blocks", "quantization_blocks")
+# The keys of a data record (calibration_record, healing's, quantization's, drafting's) that list blocks a run used.
+USED_BLOCK_KEYS = ("statistics_blocks", "held_back_blocks", "training_blocks", "kl_blocks", "quantization_blocks",
+                   "draft_prompt_blocks", "draft_heldout_blocks")
 
 
 def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, run: dict | list[dict] | None,
-                   advice: str | None = None) -> HeldOutBlocks:
-    """The first `samples` blocks of `source` that share no token with a block the run used.
+                   advice: str | None = None, seed: int | None = None) -> HeldOutBlocks:
+    """The first `samples` blocks of `source` that share no token with a block the run used; with a seed, a seeded
+    choice of `samples` among all such blocks (spread over the whole data, in the order of the choice).
 
-    Reads --data lazily, only as far as those blocks need. The run's blocks are compared as token ranges, so
-    another --seq-len than the run's still skips every block that overlaps one it used.
+    Without a seed, reads --data lazily, only as far as those blocks need; with one, tokenizes all of it once (a hub
+    stream, possibly endless, is refused). The run's blocks are compared as token ranges, so another --seq-len than
+    the run's still skips every block that overlaps one it used.
 
     Args:
         source: --data and how to read it.
@@ -65,12 +69,16 @@ def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, ru
         run: the data record of the run (the "nbl" section's "data", calibration_record), a list of records (a
             healed folder has its calibration's and its healing's: data_records), or None.
         advice: the fix a too-short --data message names (default: calibrate's and eval's options).
+        seed: None for the first unused blocks, else the seed of a choice among all of them.
     Returns:
         The blocks, their stream indices, how --data relates to the run's, and how many blocks were skipped.
     Raises:
         DataError: --data is the run's data read by another tokenizer, or has too few unused blocks.
     """
     records = [] if not run else [run] if isinstance(run, dict) else list(run)
+    if seed is not None and source.is_hub:
+        raise DataError(f"a seeded choice of blocks reads all of --data, and {source.path!r} is a hub dataset read as a "
+                        "stream (possibly endless): save a slice of it locally (Dataset.save_to_disk) and pass that")
     relation, used = _run_blocks(source, tokenizer, records)  # used: (the record's seq_len, its block indices)
     stream = BlockStream(source.documents(), tokenizer, seq_len)
     chosen, indices, excluded = [], [], 0
@@ -82,8 +90,11 @@ def heldout_blocks(source: DataSource, tokenizer, seq_len: int, samples: int, ru
             continue
         chosen.append(block)
         indices.append(j)
-        if len(chosen) == samples:
+        if seed is None and len(chosen) == samples:
             return HeldOutBlocks(torch.stack(chosen), indices, relation, excluded)
+    if seed is not None and len(chosen) >= samples:
+        pick = seeded_choice(len(chosen), samples, seed)
+        return HeldOutBlocks(torch.stack([chosen[k] for k in pick]), [indices[k] for k in pick], relation, excluded)
     raise stream.too_few(len(chosen), samples, f"--data {source.path!r}",
                          f" besides the {excluded} the run used" if excluded else "", *([advice] if advice else []))
 

@@ -48,26 +48,15 @@ class LoopConfig:
     blocks: object  # ray.ObjectRef of {"train": (N, T), "kl": (M, T)} int64 tensors
 
 
-def step_blocks(order: torch.Tensor, step: int, batch_size: int, rank: int, workers: int) -> torch.Tensor:
-    """Indices of the training blocks this worker takes at `step`: its contiguous share of the global batch."""
-    batch = order[step * batch_size:(step + 1) * batch_size]
-    share = batch_size // workers
-    return batch[rank * share:(rank + 1) * share]
-
-
 def heal_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     from nbl_dist.healing.model import HealModel
     from nbl_dist.healing.trainer import Healer
     from nbl_dist.model.safetensors_io import torch_dtype
-    from nbl_dist.runtime.progress import Progress
-    from nbl_dist.training.distributed import world
+    from nbl_dist.training.distributed import step_share
 
     cfg = LoopConfig(**config)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, workers = world()
-    device = ray_train.worker_device()
+    rank, workers, device = ray_train.start_worker(cfg.threads)
     blocks = ray_train.fetch(cfg.blocks)
     mesh = None
     if cfg.shard_weights and workers > 1:
@@ -78,23 +67,17 @@ def heal_loop(config: dict) -> None:
                       cfg.lora_alpha, cfg.seed, mesh=mesh)
     healer = Healer(model, loss=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                     warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
-    state = ray_train.restored_state()
-    if state is not None:
-        healer.load_state_dict(state)
-        if rank == 0:
-            print(f"healing: resumed from the checkpoint of step {healer.step}", file=ray_train.WORKER_OUT,
-                  flush=True)
+    ray_train.resume(healer, "healing", rank)
     kl_blocks, train_blocks = blocks["kl"], blocks["train"]
     if healer.step == 0:
         healer.heldout(kl_blocks, cfg.batch_size)  # before any step
     order = torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    progress = Progress(cfg.steps * tokens_per_step, label="healing", stream=ray_train.WORKER_OUT,
-                        done=healer.step * tokens_per_step, detail=lambda: detail(healer)) if rank == 0 \
-        else (lambda tokens: None)
+    progress = ray_train.progress(cfg.steps * tokens_per_step, healer.step * tokens_per_step, "healing", rank,
+                                  lambda: detail(healer))
     positions = cfg.batch_size * (cfg.seq_len - 1)
     while healer.step < cfg.steps:
-        mine = step_blocks(order, healer.step, cfg.batch_size, rank, workers)
+        mine = step_share(order, healer.step, cfg.batch_size, rank, workers)
         healer.train_step(train_blocks[mine], positions)
         if healer.step % cfg.eval_every == 0 or healer.step == cfg.steps:
             healer.heldout(kl_blocks, cfg.batch_size)

@@ -171,16 +171,11 @@ def heal(cfg: HealConfig, log: Callable[..., None] | None = None) -> dict:
             lora_rank=cfg.lora_rank, lora_alpha=cfg.alpha, seed=cfg.seed, threads=None if gpu else int(max(1, cpus)),
             shard_weights=plan.sharded,
             blocks=cluster.ray.put({"train": blocks.train, "kl": blocks.kl}))
-        log(f"  Ray Train run {name!r} in {storage} (a rerun of this command resumes it)")
-        t_train = time.perf_counter()
-        result = ray_train.fit(heal_loop, loop, workers=cfg.workers, use_gpu=gpu, cpus_per_worker=cpus,
-                               storage=storage, name=name, max_failures=cfg.max_failures)
-        train_s = time.perf_counter() - t_train
+        result, train_s = ray_train.run(heal_loop, loop, log=log, storage=storage, name=name, workers=cfg.workers,
+                                        use_gpu=gpu, cpus_per_worker=cpus, max_failures=cfg.max_failures)
     cluster.close()
-    if result.error:
-        raise result.error
     with ray_train.final_checkpoint(result) as folder:
-        history = torch.load(folder / ray_train.STATE_NAME, weights_only=False)["history"]
+        history = ray_train.saved_history(folder)
         before, after = history["heldout"][0], history["heldout"][-1]
         tokens = steps * cfg.batch_size * seq_len
         healing = {"baseline": str(baseline_dir), "loss": cfg.loss, "lr": cfg.lr, "schedule": cfg.schedule,

@@ -16,9 +16,10 @@ from nbl_dist.core.losses import head_loss_backward, next_token_sums
 from nbl_dist.healing.model import HealModel
 from nbl_dist.training.distributed import all_reduce_sum, sum_gradients, world
 from nbl_dist.training.schedule import lr_factor
+from nbl_dist.training.state import TrainerState
 
 
-class Healer:
+class Healer(TrainerState):
     """Training state of one worker.
 
     Args:
@@ -78,17 +79,3 @@ class Healer:
         record = {"step": self.step, "kl": kl / n, "ce": ce / n}
         self.history["heldout"].append(record)
         return record
-
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs: the trained tensors, AdamW's moments, the schedule, the step, the
-        history."""
-        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"], strict=True):
-                p.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]

@@ -27,6 +27,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def step_share(order: torch.Tensor, step: int, batch_size: int, rank: int, workers: int) -> torch.Tensor:
+    """Indices of the training items (blocks, sequences) this worker takes at `step`: its contiguous share of the
+    global batch of `batch_size` items, taken in `order` (a permutation fixed by the seed, the same on every worker
+    and after a restart)."""
+    batch = order[step * batch_size:(step + 1) * batch_size]
+    share = batch_size // workers
+    return batch[rank * share:(rank + 1) * share]
+
 
 def sum_gradients(params: list[torch.Tensor]) -> None:
     """Every worker's gradients of `params` summed, in one all-reduce over a flat buffer (the trained parameters

@@ -15,6 +15,7 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +58,58 @@ def fit(loop: Callable[[dict], None], config, *, workers: int, use_gpu: bool, cp
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     return trainer.fit()
+
+
+def start_worker(threads: int | None) -> tuple[int, int, torch.device]:
+    """(rank, workers, device) of this Ray Train worker, with torch's thread count set to its CPUs (CPU workers;
+    None leaves it)."""
+    from nbl_dist.training.distributed import world
+
+    if threads:
+        torch.set_num_threads(threads)
+    rank, workers = world()
+    return rank, workers, worker_device()
+
+
+def resume(trainer, label: str, rank: int) -> None:
+    """Load the latest checkpoint's state into `trainer` (a TrainerState) when there is one (a worker restarted by
+    Ray Train, or a run started again), and say so once (rank 0)."""
+    state = restored_state()
+    if state is None:
+        return
+    trainer.load_state_dict(state)
+    if rank == 0:
+        print(f"{label}: resumed from the checkpoint of step {trainer.step}", file=WORKER_OUT, flush=True)
+
+
+def progress(total_tokens: int, done_tokens: int, label: str, rank: int, detail: Callable[[], str]) \
+        -> Callable[[int], None]:
+    """Rank 0's progress lines (runtime.progress.Progress on the worker's stdout); the other ranks' do nothing."""
+    from nbl_dist.runtime.progress import Progress
+
+    if rank != 0:
+        return lambda tokens: None
+    return Progress(total_tokens, label=label, stream=WORKER_OUT, done=done_tokens, detail=detail)
+
+
+def run(loop: Callable[[dict], None], config, *, log: Callable[[str], None], storage: Path, name: str,
+        **scaling) -> tuple[object, float]:
+    """fit() announced in one log line and timed: (the finished run's Result, its seconds).
+
+    Raises:
+        the run's own error (a worker's exception once --max-failures are spent).
+    """
+    log(f"  Ray Train run {name!r} in {storage} (a rerun of this command resumes it)")
+    t0 = time.perf_counter()
+    result = fit(loop, config, storage=storage, name=name, **scaling)
+    if result.error:
+        raise result.error
+    return result, time.perf_counter() - t0
+
+
+def saved_history(folder: Path) -> dict:
+    """The history (training and held-out measurements) in a checkpoint folder's state."""
+    return torch.load(folder / STATE_NAME, weights_only=False)["history"]
 
 
 def worker_device() -> torch.device:

@@ -33,9 +33,9 @@ TINY = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, interm
 
 
 def vllm_engine(folder, *, max_model_len: int = 256):
-    """vllm.LLM on `folder` in float32, eager, its engine and worker in this process (nbl_dist.serving.engine tears
+    """vllm.LLM on `folder` in float32, eager, its engine and worker in this process (nbl_dist.runtime.vllm_engine tears
     it down at the end of the block)."""
-    from nbl_dist.serving.engine import open_llm
+    from nbl_dist.runtime.vllm_engine import open_llm
 
     return open_llm(folder, dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=0,
                     distributed_executor_backend="uni", disable_log_stats=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbl_dist.serving.engine import kv_capacity_tokens
+from nbl_dist.runtime.vllm_engine import kv_capacity_tokens
 from tests.helpers import write_nbl_folder
 from tests.serving.conftest import KV_SPACE_GIB, TINY, reference, user_env, vllm_engine
 

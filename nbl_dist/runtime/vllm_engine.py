@@ -1,6 +1,7 @@
 """One vLLM engine after another in the same process: `vllm.LLM` opened as a context manager and torn down when
 the block ends, its engine-core and worker processes (or in-process executor) and distributed state included, so
-that the next engine can start. The benchmarks and the serving tests compare several folders this way."""
+that the next engine can start. The benchmarks and the serving tests compare several folders this way; drafting
+generates a target's continuations with it."""
 
 from __future__ import annotations
 

