@@ -179,7 +179,7 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
     from transformers import AutoTokenizer
 
     from nbl_dist.data.blocks import token_stream
-    from nbl_dist.serving.engine import kv_capacity_tokens, open_llm
+    from nbl_dist.runtime.vllm_engine import kv_capacity_tokens, open_llm
 
     model_dir, _, held = common.smollm2_and_plays()
     engines = {"original": model_dir}

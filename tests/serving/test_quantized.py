@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from nbl_dist.serving.engine import kv_capacity_tokens
+from nbl_dist.runtime.vllm_engine import kv_capacity_tokens
 from tests import quantized_tiny
 from tests.serving.conftest import reference, vllm_engine
 from tests.serving.test_vllm import NEW_TOKENS, TINY_ATOL, TINY_PROMPTS, assert_same, closed_form_kv_tokens, served, \
@@ -80,7 +80,7 @@ def test_bfloat16_uses_vllms_cpu_kernel(quantized):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        from nbl_dist.serving.engine import open_llm
+        from nbl_dist.runtime.vllm_engine import open_llm
 
         with open_llm(quantized / "llama-w4a16", dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0,
                       distributed_executor_backend="uni", disable_log_stats=True) as llm:
