@@ -36,13 +36,16 @@ SPECULATIVE_TOKENS = 3
 NEW_TOKENS = 128
 RAW_PROMPTS, RAW_PROMPT_LEN = 32, 64
 BATCH = 16
-METHODS = ("none", "ngram", "draft of K=0", "refit", "scratch")
+METHODS = ("none", "ngram", "draft of K=0", "draft of K=0 2x tokens", "refit", "scratch")
 
 
 TARGET_NAMES = ("K=0", "K=4", "K=8", "K=8 healed")
-# Each draft: (the target it is trained for, the draft it starts from with --init, or None: from scratch).
-DRAFTS = {"K=0": ("K=0", None), "K=4 refit": ("K=4", "K=0"), "K=8 refit": ("K=8", "K=0"),
-          "K=8 healed refit": ("K=8 healed", "K=0"), "K=8 scratch": ("K=8", None)}
+# Each draft: (the target it is trained for, the draft it starts from with --init or None: from scratch, options).
+# "K=0 2x tokens": what more budget buys: the default draft trained on for a second default budget (--tokens), on
+# prompts it never saw, its learning rate warmed up and decayed again.
+DRAFTS = {"K=0": ("K=0", None, {}), "K=0 2x tokens": ("K=0", "K=0", {"tokens": 196_608}),
+          "K=4 refit": ("K=4", "K=0", {}), "K=8 refit": ("K=8", "K=0", {}),
+          "K=8 healed refit": ("K=8 healed", "K=0", {}), "K=8 scratch": ("K=8", None, {})}
 
 
 def target_folder(name: str) -> Path:
@@ -72,8 +75,8 @@ def train(target: Path, out: Path, **options) -> dict:
 def drafts(names: list[str]) -> None:
     summary = load().get("drafts", {})
     for name in names:
-        target, init = DRAFTS[name]
-        options = {"init": str(draft_folder(init))} if init else {}
+        target, init, options = DRAFTS[name]
+        options = {**options, "init": str(draft_folder(init))} if init else options
         if init:
             train(target_folder(init), draft_folder(init))
         r = train(target_folder(target), draft_folder(name), **options)
@@ -105,11 +108,12 @@ def speculative_config(method: str, target: str) -> dict | None:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": SPECULATIVE_TOKENS, "prompt_lookup_max": 4,
                 "prompt_lookup_min": 2}
-    if method != "draft of K=0" and target == "K=0":
+    if not method.startswith("draft of ") and target == "K=0":
         return {}  # the original's draft is its own refit and scratch draft
-    folder = draft_folder("K=0" if method == "draft of K=0" else f"{target} {method}")
+    name = method.removeprefix("draft of ") if method.startswith("draft of ") else f"{target} {method}"
+    folder = draft_folder(name)
     if not (folder / "config.json").exists():
-        return {}  # no such draft for this target (scratch: K = 8 only)
+        return {}  # no such draft (scratch: K = 8 only; the 2x draft: once trained)
     return {"method": "eagle3", "model": str(folder), "num_speculative_tokens": SPECULATIVE_TOKENS}
 
 
