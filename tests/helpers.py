@@ -184,7 +184,7 @@ class RayHead:
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{self.bin}:{os.environ['PATH']}"}
-        temp_dir = tempfile.mkdtemp(prefix="nblray", dir="/tmp")  # short: Ray's socket paths are length-limited
+        self.temp_dir = temp_dir = tempfile.mkdtemp(prefix="nblray", dir="/tmp")  # short: Ray's sockets are length-limited
         gcs_port, dash_port = free_port(), free_port()
         self.gcs, self.address = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
         self.process = subprocess.Popen(
@@ -242,12 +242,12 @@ class RayHead:
 
     def close(self) -> None:
         import os
+        import shutil
         import signal
-        import subprocess
 
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        # Every process of the cluster (GCS, raylet, dashboard, agents, workers) is in the head's process group. A
+        # SIGTERM makes `ray start --block` stop them one by one with grace periods, about 30 s here; nothing of a
+        # test cluster needs a graceful stop, so the whole group is killed at once and its temp dir removed.
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
