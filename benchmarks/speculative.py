@@ -76,9 +76,9 @@ def drafts(names: list[str]) -> None:
     summary = load().get("drafts", {})
     for name in names:
         target, init, options = DRAFTS[name]
-        options = {**options, "init": str(draft_folder(init))} if init else options
         if init:
             train(target_folder(init), draft_folder(init))
+            options = {**options, "init": str(draft_folder(init))}
         r = train(target_folder(target), draft_folder(name), **options)
         summary[name] = {"tokens": r["tokens"], "steps": r["steps"], "timings": r["timings"],
                          "vocab_coverage": r["vocab_coverage"], "heldout_after": r["heldout_after"]}
@@ -108,10 +108,12 @@ def speculative_config(method: str, target: str) -> dict | None:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": SPECULATIVE_TOKENS, "prompt_lookup_max": 4,
                 "prompt_lookup_min": 2}
-    if not method.startswith("draft of ") and target == "K=0":
+    if method.startswith("draft of "):
+        folder = draft_folder(method.removeprefix("draft of "))
+    elif target == "K=0":
         return {}  # the original's draft is its own refit and scratch draft
-    name = method.removeprefix("draft of ") if method.startswith("draft of ") else f"{target} {method}"
-    folder = draft_folder(name)
+    else:
+        folder = draft_folder(f"{target} {method}")
     if not (folder / "config.json").exists():
         return {}  # no such draft (scratch: K = 8 only; the 2x draft: once trained)
     return {"method": "eagle3", "model": str(folder), "num_speculative_tokens": SPECULATIVE_TOKENS}
@@ -168,6 +170,7 @@ def measure(names: list[str] | None, methods: list[str]) -> None:
 
     sets = prompt_sets(AutoTokenizer.from_pretrained(target_folder("K=0")))
     results = load().get("measure", {})
+    run = time.strftime("%Y-%m-%d %H:%M:%S")  # speeds compare only within one run: the machine drifts between runs
     for name in names or TARGET_NAMES:
         for method in methods:
             spec = speculative_config(method, name)
@@ -177,7 +180,7 @@ def measure(names: list[str] | None, methods: list[str]) -> None:
                           disable_log_stats=False, speculative_config=spec) as llm:
                 generate(llm, sets["MT-bench"][:2], 8, ignore_eos=True)  # warm-up
                 row = {"acceptance": {k: acceptance(llm, p) for k, p in sets.items()} if spec else {},
-                       **speeds(llm, sets["MT-bench"])}
+                       **speeds(llm, sets["MT-bench"]), "run": run}
             results[f"{name} | {method}"] = row
             print(name, method, json.dumps(row), flush=True)
             update("measure", results)
@@ -196,8 +199,9 @@ def update(key: str, value) -> None:
 
 
 def table() -> None:
+    """Every measured row; a speed's ratio only where the original without speculation was measured in its run."""
     rows = load().get("measure", {})
-    base = rows.get("K=0 | none")
+    bases = {row.get("run"): row for key, row in rows.items() if key == "K=0 | none"}
     print(f"| target | speculation | acceptance, raw text | per position | acceptance, MT-bench | batch 1 tok/s "
           f"(x original) | batch {BATCH} tok/s (x original) |")
     print("|---|---|---|---|---|---|---|")
@@ -205,6 +209,7 @@ def table() -> None:
         target, method = key.split(" | ")
         acc = row.get("acceptance", {})
         raw, chat = acc.get("raw text", {}), acc.get("MT-bench", {})
+        base = bases.get(row.get("run"))
         ratio = (lambda q: f" ({row[q] / base[q]:.2f}x)") if base else (lambda q: "")
         positions = " ".join(f"{p:.2f}" for p in raw.get("per_position", []))
         print(f"| {target} | {method} | {raw.get('mean_length', float('nan')):.2f} | {positions} | "
