@@ -13,7 +13,7 @@ from nbl_dist.artifact.loading import load_linearized
 from nbl_dist.cli import main
 from nbl_dist.drafting.data import Sequences, draft_vocabulary, vocab_maps
 from nbl_dist.drafting.model import TargetTaps
-from nbl_dist.drafting.trainer import step_masks
+from nbl_dist.drafting.trainer import replay_rounds, step_masks
 from tests.helpers import CORPUS, write_nbl_folder
 
 LINEARIZED = [0, 2]  # of 4 layers; the default taps are [0, 1, 2]: layer 0 and a tapped layer among them
@@ -85,6 +85,23 @@ def test_each_ttt_step_trains_the_generated_positions_only():
         predicted = [i + 2 + j for i in m[0].nonzero().flatten().tolist()]
         assert predicted == list(range(4, 8)), (j, predicted)
 
+
+
+def test_replay_counts_rounds_as_vllm_does():
+    """A row of prompt 4 and length 12: the target's first token (4) comes from its prefill, the 7 after it from
+    rounds. Without a right draft token each round yields one; with the draft right 3 deep at 3 and at 7, the round
+    at 3 yields tokens 4..7 (3 accepted + the target's), the round at 7 only 2 accepted (the row ends at token 11)."""
+    seqs = Sequences(torch.zeros(1, 14, dtype=torch.long), torch.tensor([12]), prompt_len=4)
+    mask = seqs.loss_mask()
+    none = torch.zeros(1, 12, dtype=torch.long)
+    assert replay_rounds(none, mask, 3) == (7, 7, [0, 0, 0])
+    deep = none.clone()
+    deep[0, 3] = deep[0, 7] = 3
+    deep[0, 4] = 3  # never a round's start: the round at 3 covers it
+    assert replay_rounds(deep, mask, 3) == (2, 7, [2, 2, 1])
+    one = none.clone()
+    one[0, 3] = 1  # 3: accepts 1 (tokens 4, 5); then a round at each of 5..9
+    assert replay_rounds(one, mask, 3) == (6, 7, [1, 0, 0])
 
 def one_error_line(argv, capsys) -> str:
     capsys.readouterr()

@@ -1,8 +1,8 @@
 """Draft training on Ray Train: a TorchTrainer whose workers each run `draft_loop` (docs/method.md §14).
 
 `draft_loop` is a plain function of its config: it builds the target (TargetTaps) and the draft from the initial
-draft the driver wrote, takes its share of each global batch of sequences (their order is fixed by the seed, the
-same on every worker and after a restart), measures the held-out accuracy before, every --eval-every steps and
+draft the driver wrote, takes its share of each global batch of sequences (each pass over them in its own order,
+fixed by the seed and the pass, the same on every worker and after a restart), measures the held-out accuracy before, every --eval-every steps and
 after, prints a progress line (rank 0), and every --checkpoint-every steps reports a checkpoint through
 `ray.train.report`: the DraftTrainer's state (trained tensors, AdamW, schedule, step, history), written by rank 0.
 Ray Train restarts the workers from the latest checkpoint when one dies, and a run started again under the same
@@ -67,13 +67,15 @@ def draft_loop(config: dict) -> None:
     share = cfg.batch_size // workers
     if trainer.step == 0:
         trainer.heldout(heldout.ids, heldout_mask, share)  # before any step
-    order = torch.randperm(train.ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    per_pass = train.ids.shape[0] // cfg.batch_size  # global batches in one pass over the sequences
     tokens_per_step = cfg.batch_size * train.ids.shape[1]
     progress = ray_train.progress(cfg.steps * tokens_per_step, trainer.step * tokens_per_step, "drafting", rank,
                                   lambda: detail(trainer))
     while trainer.step < cfg.steps:
-        batch = order[trainer.step * cfg.batch_size:(trainer.step + 1) * cfg.batch_size]
-        mine = step_share(order, trainer.step, cfg.batch_size, rank, workers)
+        order = pass_order(train.ids.shape[0], cfg.seed, trainer.step // per_pass)
+        k = trainer.step % per_pass
+        batch = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        mine = step_share(order, k, cfg.batch_size, rank, workers)
         trainer.train_step(train.ids[mine], train_mask[mine], step_counts(train_mask[batch], cfg.ttt_steps))
         if trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps:
             trainer.heldout(heldout.ids, heldout_mask, share)
@@ -82,12 +84,19 @@ def draft_loop(config: dict) -> None:
             report(trainer, rank, final=trainer.step == cfg.steps)
 
 
+def pass_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the n training sequences in pass `epoch` (the first pass's is the seed's own permutation)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch))
+
+
 def detail(trainer) -> str:
-    """The progress line's end: step, loss, held-out accuracy per position and the acceptance length it predicts."""
+    """The progress line's end: step, loss, and the held-out acceptance length and acceptance per position (vLLM's
+    count replayed, trainer.replay_rounds)."""
     train, held = trainer.history["train"], trainer.history["heldout"]
     loss = f"loss {train[-1]['loss']:.3f}" if train else ""
-    acc = (f", held-out accuracy {' '.join(f'{a:.2f}' for a in held[-1]['accuracy'])} (acceptance "
-           f"{held[-1]['acceptance']:.2f}, before {held[0]['acceptance']:.2f})") if held else ""
+    acc = (f", held-out acceptance {held[-1]['acceptance']:.2f} tokens per step (before "
+           f"{held[0]['acceptance']:.2f}), accepted per position "
+           f"{' '.join(f'{a:.2f}' for a in held[-1].get('per_position', []))}") if held else ""
     return f"step {trainer.step}, {loss}{acc}"
 
 

@@ -42,7 +42,7 @@ ENGINE = Engine(name="draft", modules=("speculators",), venv=".venv-vllm", insta
 # The options a run's result depends on (with the target, the --init draft, the data record and the budget): a run
 # started again with the same ones resumes. Not the workers, which a resumed run may change.
 FINGERPRINT_OPTIONS = ("prompt_len", "continuation", "draft_vocab", "aux_layers", "speculative_tokens", "ttt_steps",
-                       "batch_size", "lr", "schedule", "warmup", "heldout_samples", "eval_every", "generator",
+                       "epochs", "batch_size", "lr", "schedule", "warmup", "heldout_samples", "eval_every", "generator",
                        "seed", "dtype")
 
 
@@ -143,19 +143,20 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(target.path)
     init_record = draft_record(cfg.init) if cfg.init else None
     check_tokenizer(init_record, tokenizer_fingerprint(tokenizer))
-    steps = cfg.steps_for()
+    steps, batches = cfg.steps_for(), cfg.batches_for()
     source = DataSource(cfg.data, cfg.text_column, cfg.data_config, cfg.data_split)
     records = target.folder.data_records + ([init_record] if init_record else [])
-    prompts = choose_prompts(source, tokenizer, cfg.prompt_len, records, steps * cfg.batch_size,
+    prompts = choose_prompts(source, tokenizer, cfg.prompt_len, records, batches * cfg.batch_size,
                              cfg.heldout_samples, cfg.seed)
     record = prompts.record(source, tokenizer, cfg.seed)
     storage = ray_train.storage_folder(out, cfg.storage, "draft")
     name = run_name("draft", out, run_fingerprint(plan, record, cfg, steps))
-    tokens = steps * cfg.batch_size * cfg.seq_len
+    tokens = batches * cfg.batch_size * cfg.seq_len
     log(f"drafting for {cfg.target} ({target.family}, {target.layers} layers, d={target.hidden}): "
         f"{'refitting ' + cfg.init if cfg.init else 'a new draft'}, taps {plan.aux_layers}, draft vocabulary "
-        f"{plan.draft_vocab} of {target.vocab}; {steps} steps of {cfg.batch_size} sequences of {cfg.prompt_len} + "
-        f"{cfg.continuation} tokens ({tokens:,} tokens), {cfg.workers} worker(s)")
+        f"{plan.draft_vocab} of {target.vocab}; {batches * cfg.batch_size} sequences of {cfg.prompt_len} + "
+        f"{cfg.continuation} tokens ({tokens:,} tokens), {steps} steps of {cfg.batch_size} ({steps / batches:g} "
+        f"passes), {cfg.workers} worker(s)")
     log(f"  prompts: {len(prompts.train_indices)} to train, {len(prompts.heldout_indices)} held out; "
         f"{prompts.excluded} blocks of --data skipped (used by recorded runs)")
     storage.mkdir(parents=True, exist_ok=True)
@@ -192,6 +193,7 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
     before, after = history["heldout"][0], history["heldout"][-1]
     report = {"target": str(target.path), "init": cfg.init, "out": str(out), "aux_layers": plan.aux_layers,
               "draft_vocab": plan.draft_vocab, "vocab_coverage": coverage, "steps": steps, "tokens": tokens,
+              "trained_tokens": steps * cfg.batch_size * cfg.seq_len,
               "trained_positions": int(train_seq.loss_mask().sum()), "sequences": len(prompts.train_indices),
               "generator": resolve_generator(cfg.generator), "workers": cfg.workers, "device": device,
               "dtype": loop.dtype, "heldout_before": before, "heldout_after": after, "curve": history,
@@ -203,9 +205,10 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
         (storage / leftover).unlink(missing_ok=True)
     if storage.is_dir() and not any(storage.iterdir()):
         storage.rmdir()
-    log(f"draft written to {out}: held-out accuracy per position "
-        f"{' '.join(f'{a:.3f}' for a in after['accuracy'])}, predicted acceptance length "
-        f"{before['acceptance']:.2f} -> {after['acceptance']:.2f}; {time.perf_counter() - t0:.0f} s")
+    log(f"draft written to {out}: held-out acceptance length {before['acceptance']:.2f} -> "
+        f"{after['acceptance']:.2f} tokens per target step at {cfg.ttt_steps} speculative tokens (vLLM's count "
+        f"replayed), accepted per position {' '.join(f'{a:.2f}' for a in after['per_position'])}; "
+        f"{time.perf_counter() - t0:.0f} s")
     return report
 
 

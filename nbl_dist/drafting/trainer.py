@@ -9,9 +9,11 @@ each hold a share of the batch and add up their gradients get the gradient of th
 summed over the workers in one all-reduce (training.distributed), then AdamW. No Ray.
 
 Accuracy at TTT position j: the share of trained positions where the draft's tokens at steps 0..j are all the
-target's own next tokens (the greedy continuation), i.e. where vLLM would accept j + 1 drafted tokens; its sum
-plus one estimates vLLM's mean acceptance length at --speculative-tokens = --ttt-steps (an average over every
-position; vLLM's rounds start more often where the draft is wrong, so its own mean is somewhat lower, §14).
+target's own next tokens (the greedy continuation), i.e. where vLLM would accept j + 1 drafted tokens if a round
+started there. The held-out acceptance length is vLLM's own count replayed (`replay_rounds`): the first round starts
+after the prompt, each accepts the draft's leading right tokens plus the target's own and the next starts after
+them, so rounds start where vLLM's do (more often where the draft is wrong than an average over every position
+would), and tokens per round is what vLLM will measure at --speculative-tokens = --ttt-steps (§14).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ def step_counts(mask: torch.Tensor, steps: int) -> list[int]:
 
 
 def step_sums(logits: list[torch.Tensor], target_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-              target_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[int], list[int]]:
+              target_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[int], list[int], torch.Tensor]:
     """Per TTT step j: the summed KL divergence over the trained positions (a tensor with the draft's graph), how
-    many positions the draft's chain of tokens 0..j got right, and how many there were.
+    many positions the draft's chain of tokens 0..j got right, and how many there were; and per start i, how many of
+    the draft's tokens from there are the target's, (B, T - 2) int (the input of replay_rounds).
 
     Args:
         logits: ttt_logits' output, logits[j] (B, T - 1, Vd).
@@ -57,6 +60,7 @@ def step_sums(logits: list[torch.Tensor], target_logits: torch.Tensor, ids: torc
     t = ids.shape[1]
     kl, correct, total = [], [], []
     chain = None
+    leading = torch.zeros(ids.shape[0], t - 2, dtype=torch.long, device=ids.device)
     for j, (lj, mj) in enumerate(zip(logits, step_masks(mask, len(logits)))):
         n = t - 2 - j  # starts i whose predicted token i + 2 + j is in the row (the mask never trains the others)
         valid = mj[:, :n]
@@ -65,9 +69,39 @@ def step_sums(logits: list[torch.Tensor], target_logits: torch.Tensor, ids: torc
         proposed = target_ids[lj[:, :n].argmax(-1)]  # (B, n): the draft's token, as a target id
         right = proposed == ids[:, 2 + j:]  # the token the target produced at i + 2 + j
         chain = right if chain is None else chain[:, :n] & right
+        leading[:, :n] += chain
         correct.append(int((chain & valid).sum()))
         total.append(int(valid.sum()))
-    return kl, correct, total
+    return kl, correct, total, leading
+
+
+def replay_rounds(leading: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[int, int, list[int]]:
+    """vLLM's greedy speculation replayed on rows of the target's own continuations: (rounds, tokens they yield,
+    rounds that accepted a token at each draft position).
+
+    The first round starts after the prompt (the target's first token comes from its prefill): at start i the draft
+    proposes tokens i + 2 ..; the round accepts the `leading[b, i]` right ones (at most `steps`, never past the
+    row's last token) plus the target's own, and the next round starts after them. A row of prompt P and length L
+    gives the L - P - 1 tokens after the first, as vLLM would count them on a request of that many.
+
+    Args:
+        leading: (B, T - 2) int, step_sums' count of the draft's right tokens from each start.
+        mask: (B, T) bool trained positions (data.Sequences.loss_mask: P - 1 .. L - 2).
+    """
+    rounds, tokens, per_position = 0, 0, [0] * steps
+    for b in range(leading.shape[0]):
+        starts = mask[b].nonzero().flatten().tolist()
+        if len(starts) < 2:
+            continue
+        i, last = starts[0], starts[-1]  # the round at i yields token i + 1; the row ends at token last + 1
+        while i < last:
+            accepted = min(int(leading[b, i]), steps, last - i - 1)
+            for j in range(accepted):
+                per_position[j] += 1
+            rounds += 1
+            tokens += accepted + 1
+            i += accepted + 1
+    return rounds, tokens, per_position
 
 
 class DraftTrainer(TrainerState):
@@ -101,7 +135,7 @@ class DraftTrainer(TrainerState):
         self.optimizer.zero_grad(set_to_none=False)
         taps, target_logits = self.target(ids)
         logits = ttt_logits(self.draft, taps, ids, self.ttt_steps)
-        kl, correct, total = step_sums(logits, target_logits, ids, mask, self.target_ids)
+        kl, correct, total, _ = step_sums(logits, target_logits, ids, mask, self.target_ids)
         loss = sum(k / max(1, n) for k, n in zip(kl, counts))
         loss.backward()
         sum_gradients(self.params)
@@ -118,28 +152,33 @@ class DraftTrainer(TrainerState):
 
     @torch.no_grad()
     def heldout(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> dict:
-        """Mean KL per TTT step and accuracy per TTT position on held-out sequences (N, T), each worker taking every
-        W-th sequence, summed over the workers; recorded in the history at the current step. `acceptance` is
-        1 + the sum of the accuracies: the mean acceptance length they predict."""
+        """Held-out sequences (N, T), each worker taking every W-th, summed over the workers: the mean KL per TTT
+        step, the accuracy per TTT position, and vLLM's count replayed (replay_rounds): `acceptance`, the tokens per
+        target step, and `per_position`, the share of rounds accepting a token at each draft position. Recorded in
+        the history at the current step."""
         self.draft.eval()
         rank, size = world()
         ids, mask = ids[rank::size], mask[rank::size]
         n = self.ttt_steps
-        kl_sum, correct, total = [0.0] * n, [0.0] * n, [0.0] * n
+        kl_sum, correct, total, rounds = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * (n + 2)
         for start in range(0, ids.shape[0], batch_size):
             b_ids = ids[start:start + batch_size].to(self.device)  # (b, T)
             b_mask = mask[start:start + batch_size].to(self.device)
             taps, target_logits = self.target(b_ids)
-            kl, c, t = step_sums(ttt_logits(self.draft, taps, b_ids, n), target_logits, b_ids, b_mask,
-                                 self.target_ids)
+            kl, c, t, leading = step_sums(ttt_logits(self.draft, taps, b_ids, n), target_logits, b_ids, b_mask,
+                                          self.target_ids)
+            r, tokens, per_position = replay_rounds(leading.cpu(), b_mask.cpu(), n)
             for j in range(n):
                 kl_sum[j] += float(kl[j])
                 correct[j] += c[j]
                 total[j] += t[j]
-        sums = all_reduce_sum([*kl_sum, *correct, *total], self.device)
-        kl_sum, correct, total = sums[:n], sums[n:2 * n], sums[2 * n:]
-        accuracy = [c / max(1.0, t) for c, t in zip(correct, total)]
-        record = {"step": self.step, "kl": [k / max(1.0, t) for k, t in zip(kl_sum, total)], "accuracy": accuracy,
-                  "acceptance": 1.0 + sum(accuracy)}
+            rounds = [a + b for a, b in zip(rounds, [r, tokens, *per_position])]
+        sums = all_reduce_sum([*kl_sum, *correct, *total, *rounds], self.device)
+        kl_sum, correct, total, rounds = sums[:n], sums[n:2 * n], sums[2 * n:3 * n], sums[3 * n:]
+        count = max(1.0, rounds[0])
+        record = {"step": self.step, "kl": [k / max(1.0, t) for k, t in zip(kl_sum, total)],
+                  "accuracy": [c / max(1.0, t) for c, t in zip(correct, total)],
+                  "acceptance": rounds[1] / count if rounds[0] else 1.0,
+                  "per_position": [a / count for a in rounds[2:]]}
         self.history["heldout"].append(record)
         return record

@@ -144,8 +144,38 @@ def test_taps_equal_transformers_and_speculation_is_lossless(drafted, which):
     drafts = metrics["vllm:spec_decode_num_drafts"].value
     accepted = metrics["vllm:spec_decode_num_accepted_tokens"].value
     assert drafts > 0  # the draft did speculate
+    # The trainer's held-out count (replay_rounds) on the same continuations: vLLM accepts what it replays, plus at
+    # most SPECULATIVE_TOKENS per request past its last token (vLLM counts a round's whole acceptance).
+    rounds, tokens, _ = replayed(target, draft, prompts, got)
+    assert tokens - rounds <= accepted <= tokens - rounds + SPECULATIVE_TOKENS * len(prompts), (accepted, rounds)
     print(f"{which}: taps within {worst:.1e} of transformers; mean acceptance length {1 + accepted / drafts:.2f} "
-          f"({drafts} drafts)")
+          f"({drafts} drafts, {accepted} accepted; replayed: {rounds} rounds, {tokens - rounds} accepted)")
+
+
+def replayed(target, draft, prompts: list[list[int]], continuations: list[list[int]]) -> tuple[int, int, list[int]]:
+    """drafting.trainer.replay_rounds on the prompts and the target's greedy continuations, with the draft folder
+    loaded as the trainer loads it."""
+    from safetensors.torch import load_file
+
+    from nbl_dist.drafting.data import Sequences
+    from nbl_dist.drafting.model import TargetTaps, config_from_dict, draft_target_ids, load_draft, ttt_logits
+    from nbl_dist.drafting.trainer import replay_rounds, step_sums
+
+    d = load_draft(config_from_dict(json.loads((draft / "config.json").read_text())),
+                   load_file(str(draft / "model.safetensors"))).eval()
+    taps_of = TargetTaps(target, d.config.eagle_aux_hidden_state_layer_ids, draft_target_ids(d), torch.float32,
+                         torch.device("cpu"))
+    total = [0, 0, [0] * SPECULATIVE_TOKENS]
+    for prompt, continuation in zip(prompts, continuations):  # one row each: prompts differ in length
+        ids = torch.tensor([prompt + continuation])
+        mask = Sequences(ids, torch.tensor([ids.shape[1]]), len(prompt)).loss_mask()
+        with torch.no_grad():
+            taps, logits = taps_of(ids)
+            *_, leading = step_sums(ttt_logits(d, taps, ids, SPECULATIVE_TOKENS), logits, ids, mask,
+                                    draft_target_ids(d))
+        r, t, per_position = replay_rounds(leading, mask, SPECULATIVE_TOKENS)
+        total = [total[0] + r, total[1] + t, [a + b for a, b in zip(total[2], per_position)]]
+    return total[0], total[1], total[2]
 
 
 def test_training_unroll_equals_speculators_forward(drafted):
