@@ -41,8 +41,8 @@ METHODS = ("none", "ngram", "draft of K=0", "draft of K=0 2x tokens", "refit", "
 
 TARGET_NAMES = ("K=0", "K=4", "K=8", "K=8 healed")
 # Each draft: (the target it is trained for, the draft it starts from with --init or None: from scratch, options).
-# "K=0 2x tokens": what more budget buys: the default draft trained on for a second default budget (--tokens), on
-# prompts it never saw, its learning rate warmed up and decayed again.
+# "K=0 2x tokens": what more budget buys: the default draft trained on for a second default budget (--tokens, two
+# passes), on prompts it never saw, its learning rate warmed up and decayed again.
 DRAFTS = {"K=0": ("K=0", None, {}), "K=0 2x tokens": ("K=0", "K=0", {"tokens": 196_608}),
           "K=4 refit": ("K=4", "K=0", {}), "K=8 refit": ("K=8", "K=0", {}),
           "K=8 healed refit": ("K=8 healed", "K=0", {}), "K=8 scratch": ("K=8", None, {})}
