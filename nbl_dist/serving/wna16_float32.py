@@ -9,11 +9,16 @@ memory, so the served weights stay about an eighth of float32's, and on every ca
 offset 8 and multiplies by each group's scale, then runs F.linear. The dequantized weight exists only during the
 call. That is the same arithmetic as transformers' compressed-tensors decompression (which keeps the float32
 weights it decompresses), so vLLM in float32 serves a quantized folder as transformers computes it; bfloat16 and
-float16 keep vLLM's own kernel. `register()` puts it in front of vLLM's CPU mixed-precision kernels
+float16 keep vLLM's own kernel. Decode is slower than the float32 original's (every call rebuilds every weight);
+torch's own CPU int4 matmul (`aten._weight_int4pack_mm_for_cpu`), which never builds the weight, was measured here
+and is slower still beyond one row of input (6 ms against 2.5 for a 1536 x 576 layer at 8 rows, 1.5 s against
+26 ms at 2048). `register()` puts it in front of vLLM's CPU mixed-precision kernels
 (vllm_plugin.register calls it in every vLLM process).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +32,23 @@ OFFSET = 8  # uint4b8: the stored value is q + 8, q in [-8, 7]
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(out, in / 8) int32 words -> (out, in) int32 values in [-8, 7]: value j of a word is its bits 4j..4j+3."""
+    """(out, in / 8) int32 words -> (out, in) uint8 stored values in [0, 15]: value j of a word is its bits
+    4j..4j+3. On a little-endian machine byte i of a row's words holds values 2i (low nibble) and 2i + 1 (high), so
+    the bytes are split rather than the words shifted eight times: half the time of the shifts, the same values."""
+    if sys.byteorder == "little":
+        b = packed.contiguous().view(torch.uint8)  # (out, in / 2)
+        return torch.stack([b & 0xF, b >> 4], dim=-1).view(packed.shape[0], -1)
     shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=packed.device)  # (8,)
-    values = (packed.unsqueeze(-1) >> shifts) & 0xF  # (out, in / 8, 8)
-    return values.reshape(packed.shape[0], -1) - OFFSET
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1).to(torch.uint8)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float weight (out, in): each value times its group's scale; scales (out, groups), one group for a
-    channel-wise scheme."""
-    q = unpack_int4(packed)
-    group = q.shape[1] // scales.shape[1]
-    return (q.view(q.shape[0], scales.shape[1], group) * scales.unsqueeze(-1)).view(q.shape[0], -1)
+    """The float weight (out, in): (stored value - 8) times its group's scale; scales (out, groups), one group for
+    a channel-wise scheme."""
+    u = unpack_int4(packed)
+    groups = scales.shape[1]
+    w = u.view(u.shape[0], groups, -1).to(scales.dtype).sub_(OFFSET).mul_(scales.unsqueeze(-1))
+    return w.view(u.shape[0], -1)
 
 
 class Float32WNA16LinearKernel(MPLinearKernel):

@@ -94,3 +94,28 @@ def test_bfloat16_uses_vllms_cpu_kernel(quantized):
     assert len(text.token_ids) == 8
     assert any("Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in r.getMessage() for r in records), \
         [r.getMessage() for r in records]
+
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+@pytest.mark.parametrize("shape,group", [((1536, 576), 64), ((576, 1536), 128), ((96, 64), 32), ((64, 96), 96)])
+def test_float32_kernel_dequantizes_the_packed_words(monkeypatch, shape, group, byteorder):
+    """The plugin kernel's weight from words packed by compressed-tensors' own packer equals q x scale from
+    the signed values themselves, exactly (one float32 product each), by the byte split (little-endian machines)
+    and by the shifts (the other path); its product with an input matches float64's to float32 round-off (1e-6 of
+    the output's scale; sums of 64-1536 products)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from nbl_dist.serving import wna16_float32
+
+    monkeypatch.setattr(wna16_float32.sys, "byteorder", byteorder)
+    out, inputs = shape
+    g = torch.Generator().manual_seed(out + inputs + group)
+    q = torch.randint(-8, 8, (out, inputs), generator=g, dtype=torch.int8)
+    scales = torch.rand(out, inputs // group, generator=g) * 0.02 + 1e-3
+    want = (q.float().view(out, -1, group) * scales.unsqueeze(-1)).view(out, inputs)
+    got = wna16_float32.dequantize(pack_to_int32(q, 4), scales)  # (out, in / 8) int32, as the checkpoint holds it
+    assert torch.equal(got, want)
+    x = torch.randn(3, inputs, generator=g)
+    ref = x.double() @ want.double().t()
+    assert (torch.nn.functional.linear(x, got).double() - ref).abs().max() < 1e-6 * ref.abs().max()
