@@ -115,19 +115,27 @@ def awq() -> None:
 
 
 def dequantized_copy(q: Path, out: Path, like: Path) -> Path:
-    """A float32 checkpoint of a quantized folder: its weights as transformers decompresses them, the original's
-    config.json (no quantization_config) and tokenizer."""
+    """A float32 checkpoint of a quantized folder: its weights as compressed-tensors decompresses them (run_compressed
+    False: transformers otherwise keeps the packed words and the state dict has no float weights), the tensors of
+    the original's checkpoint only (no scales), the original's config.json (no quantization_config) and tokenizer."""
     import shutil
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    from nbl_dist import load_linearized
+    import nbl_dist  # noqa: F401
 
     if (out / "model.safetensors").exists():
         return out
-    model = load_linearized(q, dtype=torch.float32)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    with safe_open(str(like / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    model = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k in names}
+    assert set(state) == names, sorted(names - set(state))[:5]
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     for p in like.iterdir():
@@ -149,7 +157,9 @@ def order() -> None:
         calibrate(deq, out, data=str(calib), samples=64, seq_len=256, linearize=8, backend="in-process",
                   batch_size=4, dtype="float32", device="cpu", overwrite=True, log=print)
     layers = json.loads((out / "config.json").read_text())["nbl"]["linearized_layers"]
-    row = {**perplexities(out, eval_sets()), "layers": layers, "calibrate_s": time.perf_counter() - t0}
+    sets = eval_sets()
+    row = {**perplexities(out, sets), "layers": layers, "calibrate_s": time.perf_counter() - t0,
+           "dequantized_original": perplexities(deq, sets)}  # = the W4A16 original's, if the copy is faithful
     print("quantize then NBL, K = 8:", json.dumps(row), flush=True)
     update_results("order", row)
 
