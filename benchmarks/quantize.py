@@ -234,7 +234,7 @@ def serve(batch: int, prompt_len: int, new_tokens: int, rounds: int, dtypes: lis
         # A fixed mmap threshold (glibc's default is dynamic: after a large buffer is freed it serves buffers of that
         # size from a heap it does not give back), so that what the loader frees leaves the resident memory
         # measured_model_load reads (922 MiB for the float32 original with the dynamic threshold, 735 fixed, which is
-        # what held_bytes accounts for). Set before the process starts: run this step again with it.
+        # what held_bytes accounts for). glibc reads it when the process starts, so the step starts itself again.
         os.execve(sys.executable, [sys.executable, *sys.argv],
                   {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"})
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(KV_SPACE_GIB)
