@@ -29,13 +29,14 @@ from vllm.scalar_type import scalar_types
 BITS = 4
 PER_WORD = 32 // BITS  # values per int32 word
 OFFSET = 8  # uint4b8: the stored value is q + 8, q in [-8, 7]
+LITTLE_ENDIAN = sys.byteorder == "little"  # the bytes of an int32 word in memory, low first
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(out, in / 8) int32 words -> (out, in) uint8 stored values in [0, 15]: value j of a word is its bits
     4j..4j+3. On a little-endian machine byte i of a row's words holds values 2i (low nibble) and 2i + 1 (high), so
     the bytes are split rather than the words shifted eight times: half the time of the shifts, the same values."""
-    if sys.byteorder == "little":
+    if LITTLE_ENDIAN:
         b = packed.contiguous().view(torch.uint8)  # (out, in / 2)
         return torch.stack([b & 0xF, b >> 4], dim=-1).view(packed.shape[0], -1)
     shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=packed.device)  # (8,)
