@@ -74,8 +74,8 @@ demo: venv
 	$(BIN)/python -m nbl_dist.demo --out runs/demo
 
 test: venv venv-vllm venv-quant
-	$(BIN)/python -m pytest -q -ra tests
-	$(VLLM_BIN)/python -m pytest -q -ra tests/serving
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(VLLM_BIN)/python -m pytest -q -ra --durations=10 tests/serving
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests

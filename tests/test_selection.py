@@ -85,9 +85,11 @@ def test_loss_rule_uses_only_held_back_blocks(make_model_dir, tmp_path):
     assert rep["selected_layers"] == [min(want, key=want.get)]
 
 
+# Every split on one family; the scores are family-independent code, so the other family takes the split with the
+# most merges and hops only (each Ray calibration starts its actors anew: some 5 s here).
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_all_scores_agree_across_splits(family, make_model_dir, tmp_path):
+@pytest.mark.parametrize("family,splits", [("llama", [(1, 1), (2, 1), (2, 2)]), ("qwen2", [(2, 2)])])
+def test_all_scores_agree_across_splits(family, splits, make_model_dir, tmp_path):
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     src = make_model_dir(family, torch.float64, num_hidden_layers=4)
@@ -95,7 +97,7 @@ def test_all_scores_agree_across_splits(family, make_model_dir, tmp_path):
     kw = dict(blocks=blocks, linearize=2, rank_by="loss", score_samples=3, batch_size=2, dtype="float64",
               log=lambda *a: None)
     ref = calibrate(src, tmp_path / "ref", backend="in-process", **kw)
-    for stages, replicas in [(1, 1), (2, 1), (2, 2)]:
+    for stages, replicas in splits:
         rep = calibrate(src, tmp_path / f"p{stages}r{replicas}", stages=stages, replicas=replicas, **kw)
         assert rep["selected_layers"] == ref["selected_layers"]
         for a, b in zip(rep["layers"], ref["layers"]):

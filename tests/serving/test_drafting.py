@@ -5,11 +5,13 @@ draft equal transformers' hidden states (layers 0 and 2 linearized and tapped); 
 speculating equals transformers' greedy output token for token, for the original and the linearized target; the
 training unroll equals speculators' own forward of the same draft."""
 
+import functools
 import json
 
 import pytest
 import torch
 
+from nbl_dist.runtime import vllm_engine
 from nbl_dist.runtime.vllm_engine import open_llm
 from tests.helpers import CORPUS, write_nbl_folder
 from tests.serving.conftest import TINY, reference
@@ -41,7 +43,11 @@ def drafted(make_model_dir, tmp_path_factory):
     data.mkdir()
     (data / "a.txt").write_text(" ".join(CORPUS * 40))
     fresh, refit = root / "draft-nbl", root / "draft-src"
-    nbl_dist.draft(str(nbl), str(data), str(fresh), steps=20, generator="vllm", **BUDGET)
+    # The continuations' engine compiles by default (about 40 s of this fixture's 115 s here); eager in the test, as
+    # every other in-process engine: test_vllm.py's `vllm serve` test covers vLLM's compiled path on a plugin model.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vllm_engine, "open_llm", functools.partial(vllm_engine.open_llm, enforce_eager=True))
+        nbl_dist.draft(str(nbl), str(data), str(fresh), steps=20, generator="vllm", **BUDGET)
     nbl_dist.draft(str(src), str(data), str(refit), init=str(fresh), steps=6, generator="transformers", workers=2,
                    **BUDGET)  # 2 Ray Train workers, each a share of every batch of 8
     return src, nbl, fresh, refit

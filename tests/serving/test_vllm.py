@@ -211,33 +211,41 @@ def test_vllm_serve_answers_a_completion_request(make_model_dir, tmp_path):
 
 
 REFUSE = """
-import sys
+import sys, traceback
 from vllm import LLM
 if __name__ == "__main__":
-    LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, distributed_executor_backend="uni",
-        trust_remote_code=sys.argv[2] == "trust")
-    print("SERVED")
+    for trust in (False, True):  # both refusals happen while vLLM reads the config, before an engine starts
+        try:
+            LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256,
+                distributed_executor_backend="uni", trust_remote_code=trust)
+            print("SERVED", flush=True)
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+        print(f"== END trust_remote_code={trust}", flush=True)
 """
 
 
-@pytest.mark.parametrize("trust", ["default", "trust"])
-def test_vllm_without_the_plugin_refuses_the_folder(trust, make_model_dir, tmp_path):
+def test_vllm_without_the_plugin_refuses_the_folder(make_model_dir, tmp_path):
     """vLLM that does not load nbl-dist's plugin (VLLM_PLUGINS names another; the same as nbl-dist not installed,
     for vLLM) refuses an output folder, with or without trust_remote_code, instead of serving it as a model with
     attention in the linearized layers: without, transformers cannot parse config.json and asks for
     trust_remote_code; with it, no vLLM architecture matches and vLLM's Transformers backend finds no base model
     class for the config (the folder's auto_map names a causal LM only). The engine runs in the script's process
-    (the refusal does not depend on the process layout; each vLLM process costs seconds to start)."""
+    (the refusal does not depend on the process layout), and one process tries both ways (each vLLM process costs
+    seconds to start)."""
     src = make_model_dir("llama", torch.float32, **TINY)
     out = write_nbl_folder(src, tmp_path / "nbl", [0, 3], torch.randint(3, 320, (4, 64)))
     script = tmp_path / "serve.py"
     script.write_text(REFUSE)
-    proc = subprocess.run([sys.executable, str(script), str(out), trust], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "VLLM_PLUGINS": "not-nbl-dist"})
-    assert proc.returncode != 0 and "SERVED" not in proc.stdout
-    expected = "trust_remote_code=True" if trust == "default" else "Unrecognized configuration class"
-    logs = proc.stdout + proc.stderr  # vLLM logs to stdout
-    assert expected in logs, logs[-3000:]
+    logs = proc.stdout  # vLLM logs to stdout, and so does the script's traceback
+    assert proc.returncode == 0 and "SERVED" not in logs, (proc.stdout + proc.stderr)[-3000:]
+    default, trusted, rest = logs.split("== END trust_remote_code=")
+    assert default.count("Traceback") == 1 and "trust_remote_code=True" in default, default[-3000:]
+    assert trusted.startswith("False") and trusted.count("Traceback") == 1, trusted[-3000:]
+    assert "Unrecognized configuration class" in trusted, trusted[-3000:]
+    assert rest.startswith("True")
 
 
 def test_plugin_registers_lazily_and_can_run_twice():
