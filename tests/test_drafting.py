@@ -179,3 +179,16 @@ def test_draft_options_refused_like_the_other_workflows(capsys):
     assert "--target is required" in one_error_line(["draft", "--data", "d", "--out", "o"], capsys)
     with pytest.raises(SystemExit):
         main(required + ["--tokens", "5", "--steps", "5"])  # argparse: one budget
+
+
+def test_init_refits_at_a_quarter_of_the_budget_and_a_lower_peak_learning_rate():
+    """--init (a draft that already fits) defaults to a quarter of the tokens and to REFIT_LR, below a new draft's
+    peak; --lr and --tokens given win either way."""
+    from nbl_dist.drafting.config import DEFAULT_LR, REFIT_LR, DraftConfig
+
+    paths = {"target": "t", "data": "d", "out": "o"}
+    new, refit = DraftConfig.from_dict(paths), DraftConfig.from_dict({**paths, "init": "i"})
+    assert (new.peak_lr, refit.peak_lr) == (DEFAULT_LR, REFIT_LR) and REFIT_LR < DEFAULT_LR
+    assert (new.batches_for(), refit.batches_for()) == (192, 48)  # 196,608 and 49,152 tokens in batches of 4 x 256
+    given = DraftConfig.from_dict({**paths, "init": "i", "lr": 2e-3, "tokens": 4096})
+    assert (given.peak_lr, given.batches_for()) == (2e-3, 4)

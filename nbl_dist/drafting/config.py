@@ -25,6 +25,11 @@ DEFAULT_EPOCHS = 2
 # --init refits an existing draft at this share of the default budget (unless --tokens or --steps says otherwise).
 REFIT_SHARE = 0.25
 DEFAULT_DRAFT_VOCAB = 8192
+DEFAULT_LR = 1e-3
+# --init's peak learning rate: at DEFAULT_LR the warm-up first pushes a draft that already fits away from it
+# (SmolLM2's refit to K = 8, held-out replay: 2.61 before, 2.43 half-way, 2.70 at the end; 2.61, 2.67, 2.71 at this
+# rate, and 2.03 against 1.96 tokens per step in vLLM; docs/method.md §14).
+REFIT_LR = 3e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,8 @@ class DraftConfig(Options):
     ttt_steps: int = option(3, minimum=1, help="training-time test: draft steps unrolled per position, each fed the "
                                                "draft's own hidden state")
     batch_size: int = option(4, minimum=1, help="sequences per optimizer step, over all workers (the global batch)")
-    lr: float = option(1e-3, minimum=0, help="peak learning rate (AdamW)")
+    lr: float | None = option(None, minimum=0, help=f"peak learning rate (AdamW; default {DEFAULT_LR:g}, with --init "
+                                                    f"{REFIT_LR:g}: a draft that already fits is moved less)")
     schedule: str = option("cosine", choices=SCHEDULES, help="learning-rate schedule after the warm-up")
     warmup: float = option(0.05, minimum=0, help="share of the steps that warm the learning rate up linearly")
     heldout_samples: int = option(8, minimum=1, help="sequences (prompts of --data never trained on, continued by "
@@ -115,6 +121,13 @@ class DraftConfig(Options):
             return max(1, -(-self.steps // self.epochs))
         tokens = self.tokens or (int(DEFAULT_TOKENS * REFIT_SHARE) if self.init else DEFAULT_TOKENS)
         return max(1, -(-tokens // (self.batch_size * self.seq_len)))
+
+    @property
+    def peak_lr(self) -> float:
+        """--lr, else DEFAULT_LR for a new draft and REFIT_LR for a refit (--init)."""
+        if self.lr is not None:
+            return self.lr
+        return REFIT_LR if self.init else DEFAULT_LR
 
     def steps_for(self) -> int:
         """Optimizer steps: --steps, or --epochs passes over the generated batches."""

@@ -179,8 +179,9 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
                          "--storage there")
         loop = LoopConfig(
             target=str(target.path.resolve()), draft_config=initial["config"], initial=initial["file"],
-            aux_layers=plan.aux_layers, dtype=str(dtype).removeprefix("torch."), ttt_steps=cfg.ttt_steps, lr=cfg.lr,
-            schedule=cfg.schedule, warmup_steps=round(cfg.warmup * steps), steps=steps, batch_size=cfg.batch_size,
+            aux_layers=plan.aux_layers, dtype=str(dtype).removeprefix("torch."), ttt_steps=cfg.ttt_steps,
+            lr=cfg.peak_lr, schedule=cfg.schedule, warmup_steps=round(cfg.warmup * steps), steps=steps,
+            batch_size=cfg.batch_size,
             eval_every=cfg.eval_every or max(1, steps // 10), checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
             threads=None if gpu else int(max(1, cpus)),
             data=cluster.ray.put({"train": train_seq.to_dict(), "heldout": held_seq.to_dict()}))
@@ -192,8 +193,8 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
         trained = load_draft(config_from_dict(initial["config"]), load_file(str(folder / DRAFT_NAME)))
     before, after = history["heldout"][0], history["heldout"][-1]
     report = {"target": str(target.path), "init": cfg.init, "out": str(out), "aux_layers": plan.aux_layers,
-              "draft_vocab": plan.draft_vocab, "vocab_coverage": coverage, "steps": steps, "tokens": tokens,
-              "trained_tokens": steps * cfg.batch_size * cfg.seq_len,
+              "draft_vocab": plan.draft_vocab, "vocab_coverage": coverage, "steps": steps, "lr": loop.lr,
+              "tokens": tokens, "trained_tokens": steps * cfg.batch_size * cfg.seq_len,
               "trained_positions": int(train_seq.loss_mask().sum()), "sequences": len(prompts.train_indices),
               "generator": resolve_generator(cfg.generator), "workers": cfg.workers, "device": device,
               "dtype": loop.dtype, "heldout_before": before, "heldout_after": after, "curve": history,
