@@ -25,6 +25,8 @@ def smollm2():
 
 
 def test_smollm2_calibrate_load_generate(smollm2, tmp_path):
+    """The in-process backend on the real model (the Ray pipeline's run is the next test's): two layers by the
+    cosine rule, loaded back, generating text, held-out perplexity within PPL_BAND."""
     from transformers import AutoTokenizer
 
     from nbl_dist import calibrate, load_linearized
@@ -34,7 +36,7 @@ def test_smollm2_calibrate_load_generate(smollm2, tmp_path):
     model_dir, calib, held = smollm2
     out = tmp_path / "smol-nbl"
     rep = calibrate(model_dir, out, data=str(calib), samples=8, seq_len=128, linearize=2, rank_by="cosine",
-                    stages=2, batch_size=4, dtype="float32", device="cpu", log=lambda *a: None)
+                    backend="in-process", batch_size=4, dtype="float32", device="cpu", log=lambda *a: None)
     assert len(rep["selected_layers"]) == 2 and rep["tokens"] == 8 * 128
     assert all(0 <= r["cca_bound"] <= 576 for r in rep["layers"])
     model = load_linearized(out)
