@@ -192,3 +192,35 @@ def test_init_refits_at_a_quarter_of_the_budget_and_a_lower_peak_learning_rate()
     assert (new.batches_for(), refit.batches_for()) == (192, 48)  # 196,608 and 49,152 tokens in batches of 4 x 256
     given = DraftConfig.from_dict({**paths, "init": "i", "lr": 2e-3, "tokens": 4096})
     assert (given.peak_lr, given.batches_for()) == (2e-3, 4)
+
+
+def test_a_refit_of_a_refit_skips_every_ancestors_prompts(tokenizer, tmp_path):
+    """--init keeps its draft's data record and that draft's own --init records (nbl_draft.json "init_data"), so
+    the prompts of a refit of a refit are blocks no draft of the line trained or was scored on."""
+    from nbl_dist.data.ledger import usage_record
+    from nbl_dist.data.sources import DataSource
+    from nbl_dist.drafting.checks import REPORT_NAME, draft_records
+    from nbl_dist.drafting.data import choose_prompts
+
+    data = tmp_path / "texts"
+    data.mkdir()
+    (data / "a.txt").write_text(" ".join(CORPUS * 40))
+    source = DataSource(str(data))
+
+    def drafted(folder, records: list[dict]):
+        """A draft folder whose report records prompts chosen as `nbl-dist draft` chooses them after `records`."""
+        chosen = choose_prompts(source, tokenizer, 8, records, train=12, heldout=4, seed=0)
+        folder.mkdir()
+        report = {"data": chosen.record(source, tokenizer, 0), "init_data": records}
+        (folder / REPORT_NAME).write_text(json.dumps(report))
+        return set(chosen.train_indices) | set(chosen.heldout_indices)
+
+    first = drafted(tmp_path / "first", [])
+    second = drafted(tmp_path / "second", draft_records(str(tmp_path / "first")))
+    third = drafted(tmp_path / "third", draft_records(str(tmp_path / "second")))
+    assert len(first) == len(second) == len(third) == 16
+    assert not first & second and not third & (first | second)
+    assert [r["draft_prompt_blocks"] for r in draft_records(str(tmp_path / "third"))] == [
+        json.loads((tmp_path / name / REPORT_NAME).read_text())["data"]["draft_prompt_blocks"]
+        for name in ("third", "second", "first")]
+    assert draft_records(str(tmp_path)) == []  # not an nbl-dist draft: nothing to skip

@@ -132,7 +132,12 @@ def check_tokenizer(draft_record: dict | None, tokenizer_fingerprint: str, flag:
                               "text; train a new draft without --init")
 
 
-def draft_record(path: str) -> dict | None:
-    """The data record an nbl-dist draft keeps in nbl_draft.json (which blocks of --data it used), or None."""
+def draft_records(path: str) -> list[dict]:
+    """The data records of an nbl-dist draft and of the drafts it was refitted from (nbl_draft.json's "data", then
+    its "init_data"), newest first: the blocks of --data every one of them trained on. Empty for a draft nbl-dist did
+    not write. A refit of a refit keeps the whole line, so none of its prompts was seen by any ancestor."""
     report = Path(path) / REPORT_NAME
-    return json.loads(report.read_text()).get("data") if report.is_file() else None
+    if not report.is_file():
+        return []
+    saved = json.loads(report.read_text())
+    return [r for r in [saved.get("data"), *saved.get("init_data", [])] if r]

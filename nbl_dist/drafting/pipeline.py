@@ -31,7 +31,7 @@ from nbl_dist.drafting.checks import (
     check_draft_fits,
     check_target,
     check_tokenizer,
-    draft_record,
+    draft_records,
     read_draft,
 )
 from nbl_dist.drafting.config import DEFAULT_DRAFT_VOCAB, DraftConfig, aux_layer_list
@@ -141,11 +141,11 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
     target = plan.target
     out = check_out(cfg.out, cfg.overwrite)
     tokenizer = AutoTokenizer.from_pretrained(target.path)
-    init_record = draft_record(cfg.init) if cfg.init else None
-    check_tokenizer(init_record, tokenizer_fingerprint(tokenizer))
+    init_records = draft_records(cfg.init) if cfg.init else []
+    check_tokenizer(init_records[0] if init_records else None, tokenizer_fingerprint(tokenizer))
     steps, batches = cfg.steps_for(), cfg.batches_for()
     source = DataSource(cfg.data, cfg.text_column, cfg.data_config, cfg.data_split)
-    records = target.folder.data_records + ([init_record] if init_record else [])
+    records = target.folder.data_records + init_records
     prompts = choose_prompts(source, tokenizer, cfg.prompt_len, records, batches * cfg.batch_size,
                              cfg.heldout_samples, cfg.seed)
     record = prompts.record(source, tokenizer, cfg.seed)
@@ -198,7 +198,7 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
               "trained_positions": int(train_seq.loss_mask().sum()), "sequences": len(prompts.train_indices),
               "generator": resolve_generator(cfg.generator), "workers": cfg.workers, "device": device,
               "dtype": loop.dtype, "heldout_before": before, "heldout_after": after, "curve": history,
-              "data": record, "run": name, "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+              "data": record, "init_data": init_records, "run": name, "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
               "timings": {"generate_s": generate_s, "train_s": train_s, "total_s": time.perf_counter() - t0}}
     write_draft(out, trained, report)
     ray_train.clear_run(storage, name)
