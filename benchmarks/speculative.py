@@ -39,16 +39,18 @@ RAW_PROMPTS, RAW_PROMPT_LEN = 32, 64
 BATCH = 16
 # ngram: prompt lookup of the longest 4- down to 2-token match (proposes more often than vLLM's default); ngram 5:
 # vLLM's default (prompt_lookup_min = max = 5: a 5-token match only).
-METHODS = ("none", "ngram", "ngram 5", "draft of K=0", "draft of K=0 2x tokens", "refit", "refit lr 1e-3", "scratch")
+METHODS = ("none", "ngram", "ngram 5", "draft of K=0", "draft of K=0 2x tokens", "draft of K=0 3x tokens", "refit",
+           "refit lr 1e-3", "scratch")
 
 
 TARGET_NAMES = ("K=0", "K=4", "K=8", "K=8 healed")
 # Each draft: (the target it is trained for, the draft it starts from with --init or None: from scratch, options).
 # "K=0 2x tokens": what more budget buys: the default draft trained on for a second default budget (--tokens, two
-# passes), on prompts it never saw, its learning rate warmed up and decayed again. "refit": --init's defaults (peak
-# learning rate 3e-4); "refit lr 1e-3": the earlier default, a new draft's peak, which first pushes a draft that
-# already fits away from it (docs/method.md §14, --init).
+# passes), on prompts it never saw, its learning rate warmed up and decayed again; "K=0 3x tokens" the same from the
+# 2x draft. "refit": --init's defaults (peak learning rate 3e-4); "refit lr 1e-3": the earlier default, a new
+# draft's peak, which first pushes a draft that already fits away from it (docs/method.md §14, --init).
 DRAFTS = {"K=0": ("K=0", None, {}), "K=0 2x tokens": ("K=0", "K=0", {"tokens": 196_608, "lr": 1e-3}),
+          "K=0 3x tokens": ("K=0", "K=0 2x tokens", {"tokens": 196_608, "lr": 1e-3}),
           "K=4 refit": ("K=4", "K=0", {}), "K=8 refit": ("K=8", "K=0", {}),
           "K=8 healed refit": ("K=8 healed", "K=0", {}), "K=8 scratch": ("K=8", None, {}),
           **{f"{t} refit lr 1e-3": (t, "K=0", {"lr": 1e-3}) for t in ("K=4", "K=8", "K=8 healed")}}
@@ -78,14 +80,19 @@ def train(target: Path, out: Path, **options) -> dict:
     return json.loads((out / "nbl_draft.json").read_text())
 
 
+def build(name: str) -> dict:
+    """The draft `name` of DRAFTS, and the drafts it starts from, each trained once."""
+    target, init, options = DRAFTS[name]
+    if init:
+        build(init)
+        options = {**options, "init": str(draft_folder(init))}
+    return train(target_folder(target), draft_folder(name), **options)
+
+
 def drafts(names: list[str]) -> None:
     summary = load().get("drafts", {})
     for name in names:
-        target, init, options = DRAFTS[name]
-        if init:
-            train(target_folder(init), draft_folder(init))
-            options = {**options, "init": str(draft_folder(init))}
-        r = train(target_folder(target), draft_folder(name), **options)
+        r = build(name)
         summary[name] = {"tokens": r["tokens"], "steps": r["steps"], "timings": r["timings"],
                          "vocab_coverage": r["vocab_coverage"], "heldout_after": r["heldout_after"]}
         update("drafts", summary)
