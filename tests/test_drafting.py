@@ -197,7 +197,6 @@ def test_init_refits_at_a_quarter_of_the_budget_and_a_lower_peak_learning_rate()
 def test_a_refit_of_a_refit_skips_every_ancestors_prompts(tokenizer, tmp_path):
     """--init keeps its draft's data record and that draft's own --init records (nbl_draft.json "init_data"), so
     the prompts of a refit of a refit are blocks no draft of the line trained or was scored on."""
-    from nbl_dist.data.ledger import usage_record
     from nbl_dist.data.sources import DataSource
     from nbl_dist.drafting.checks import REPORT_NAME, draft_records
     from nbl_dist.drafting.data import choose_prompts

@@ -68,6 +68,7 @@ def test_drafts_trained_recorded_and_refitted(drafted):
     assert second["workers"] == 2 and len(second["curve"]["train"]) == second["steps"] == 6
     used = set(first["data"]["draft_prompt_blocks"]) | set(first["data"]["draft_heldout_blocks"])
     assert used.isdisjoint(second["data"]["draft_prompt_blocks"] + second["data"]["draft_heldout_blocks"])
+    assert first["init_data"] == [] and second["init_data"] == [first["data"]]  # the line a later refit skips
     config = json.loads((refit / "config.json").read_text())
     assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == 128
     assert config["speculators_config"]["verifier"]["name_or_path"] == str(src.resolve())
