@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from nbl_dist.artifact.loading import load_linearized
 from nbl_dist.cli import main
 from nbl_dist.drafting.data import Sequences, draft_vocabulary, vocab_maps
-from nbl_dist.drafting.model import TargetTaps
+from nbl_dist.drafting.model import TargetCache, TargetTaps
 from nbl_dist.drafting.trainer import replay_rounds, step_masks
 from tests.helpers import CORPUS, write_nbl_folder
 
@@ -60,6 +60,25 @@ def test_taps_equal_transformers_hidden_states(folders, which):
     assert taps.shape == want.shape and logits.shape == (2, 24, 5)
     assert torch.allclose(taps, want, atol=TAPS_ATOL, rtol=0), float((taps - want).abs().max())
     assert torch.allclose(logits, want_logits[..., draft_ids], atol=TAPS_ATOL, rtol=0)
+
+
+def test_target_cache_gives_the_targets_outputs_and_runs_each_kept_row_once(folders):
+    """A pass after the first reads the kept features: the taps and logits equal the target's own forward of the same
+    rows, no row under the budget runs the target twice, and rows past the budget run it every time they are met."""
+    target = TargetTaps(folders[1], [0, 1, 2], torch.tensor([2, 5, 7, 100, 319]), torch.float32, torch.device("cpu"))
+    ids = torch.randint(3, 320, (6, 16), generator=torch.Generator().manual_seed(2))
+    row_bytes = 16 * 4 * target.shard.config.hidden_size * 4  # T x (3 taps + the normed last state) x d x float32
+    cache = TargetCache(target, ids, budget=4 * row_bytes + row_bytes // 2)  # room for rows 0-3
+    assert cache.capacity == 4
+    for rows in ([1, 4], [0, 1], [3, 2, 5], [1, 0], [4, 5], [2, 3]):  # two passes in different orders
+        rows = torch.tensor(rows)
+        taps, logits = cache(rows)
+        want_taps, want_logits = target(ids[rows])
+        assert torch.allclose(taps, want_taps, atol=1e-6, rtol=0) and torch.allclose(logits, want_logits, atol=1e-6,
+                                                                                      rtol=0)
+    # A batch with a row not yet kept runs whole: 2 + 2 + 3 in the first pass; then only [4, 5], past the budget.
+    assert cache.forwards == 2 + 2 + 3 + 0 + 2 + 0
+    assert cache.kept.tolist() == [True] * 4 + [False] * 2
 
 
 def test_draft_vocabulary_and_maps():

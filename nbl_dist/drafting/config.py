@@ -90,6 +90,9 @@ class DraftConfig(Options):
                                             "else a local Ray started in this process)")
     storage: str | None = option(None, help="Ray Train's storage for checkpoints and the generated continuations, "
                                             "shared by every node (default: .OUT.draft beside --out)")
+    target_cache: float = option(4.0, minimum=0, help="GiB per worker of the target's taps and last hidden states "
+                                                      "kept from a sequence's first pass, so the passes after run "
+                                                      "the draft alone (0: the target runs every step)")
     checkpoint_every: int = option(20, minimum=1, help="steps between checkpoints")
     max_failures: int = option(3, minimum=0, help="worker failures survived (each resumes from the last checkpoint)")
     text_column: str = option("text", help="text column of tabular data")

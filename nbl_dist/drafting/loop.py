@@ -41,6 +41,7 @@ class LoopConfig:
     checkpoint_every: int
     seed: int
     threads: int | None
+    target_cache: int  # bytes per worker of the target's features kept after a sequence's first pass (TargetCache)
     data: object  # ray.ObjectRef of {"train": Sequences dict, "heldout": Sequences dict}
 
 
@@ -49,7 +50,7 @@ def draft_loop(config: dict) -> None:
     from safetensors.torch import load_file
 
     from nbl_dist.drafting.data import Sequences
-    from nbl_dist.drafting.model import TargetTaps, config_from_dict, draft_target_ids, load_draft
+    from nbl_dist.drafting.model import TargetCache, TargetTaps, config_from_dict, draft_target_ids, load_draft
     from nbl_dist.drafting.trainer import DraftTrainer, step_counts
     from nbl_dist.model.safetensors_io import torch_dtype
     from nbl_dist.training.distributed import step_share
@@ -64,9 +65,12 @@ def draft_loop(config: dict) -> None:
                            warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     ray_train.resume(trainer, "drafting", rank)
     train_mask, heldout_mask = train.loss_mask(), heldout.loss_mask()
+    # The held-out rows first (a few, measured ~10 times), then the training rows in what the budget has left.
+    held_cache = TargetCache(target, heldout.ids, cfg.target_cache)
+    train_cache = TargetCache(target, train.ids, cfg.target_cache - held_cache.capacity * held_cache.row_bytes)
     share = cfg.batch_size // workers
     if trainer.step == 0:
-        trainer.heldout(heldout.ids, heldout_mask, share)  # before any step
+        trainer.heldout(heldout.ids, heldout_mask, share, held_cache)  # before any step
     per_pass = train.ids.shape[0] // cfg.batch_size  # global batches in one pass over the sequences
     tokens_per_step = cfg.batch_size * train.ids.shape[1]
     progress = ray_train.progress(cfg.steps * tokens_per_step, trainer.step * tokens_per_step, "drafting", rank,
@@ -76,9 +80,10 @@ def draft_loop(config: dict) -> None:
         k = trainer.step % per_pass
         batch = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
         mine = step_share(order, k, cfg.batch_size, rank, workers)
-        trainer.train_step(train.ids[mine], train_mask[mine], step_counts(train_mask[batch], cfg.ttt_steps))
+        trainer.train_step(train.ids[mine], train_mask[mine], step_counts(train_mask[batch], cfg.ttt_steps),
+                           train_cache(mine))
         if trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps:
-            trainer.heldout(heldout.ids, heldout_mask, share)
+            trainer.heldout(heldout.ids, heldout_mask, share, held_cache)
         progress(tokens_per_step)
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             report(trainer, rank, final=trainer.step == cfg.steps)

@@ -183,7 +183,7 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
             lr=cfg.peak_lr, schedule=cfg.schedule, warmup_steps=round(cfg.warmup * steps), steps=steps,
             batch_size=cfg.batch_size,
             eval_every=cfg.eval_every or max(1, steps // 10), checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-            threads=None if gpu else int(max(1, cpus)),
+            threads=None if gpu else int(max(1, cpus)), target_cache=int(cfg.target_cache * 2**30),
             data=cluster.ray.put({"train": train_seq.to_dict(), "heldout": held_seq.to_dict()}))
         result, train_s = ray_train.run(draft_loop, loop, log=log, storage=storage, name=name, workers=cfg.workers,
                                         use_gpu=gpu, cpus_per_worker=cpus, max_failures=cfg.max_failures)

@@ -126,14 +126,16 @@ class DraftTrainer(TrainerState):
         self.step = 0
         self.history: dict[str, list] = {"train": [], "heldout": []}
 
-    def train_step(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int]) -> dict:
+    def train_step(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int],
+                   outputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         """One optimizer step on this worker's sequences ids, mask (b, T) of a global batch whose trained positions
-        per TTT step are `counts`. Returns the global batch's loss (summed over the steps of each step's mean KL),
+        per TTT step are `counts`; `outputs`, the target's (taps, logits) of ids where already known (TargetCache),
+        else the target runs here. Returns the global batch's loss (summed over the steps of each step's mean KL),
         its accuracy per TTT position and the learning rate."""
         self.draft.train()
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.optimizer.zero_grad(set_to_none=False)
-        taps, target_logits = self.target(ids)
+        taps, target_logits = outputs if outputs is not None else self.target(ids)
         logits = ttt_logits(self.draft, taps, ids, self.ttt_steps)
         kl, correct, total, _ = step_sums(logits, target_logits, ids, mask, self.target_ids)
         loss = sum(k / max(1, n) for k, n in zip(kl, counts))
@@ -151,20 +153,20 @@ class DraftTrainer(TrainerState):
         return record
 
     @torch.no_grad()
-    def heldout(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> dict:
+    def heldout(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, cache=None) -> dict:
         """Held-out sequences (N, T), each worker taking every W-th, summed over the workers: the mean KL per TTT
         step, the accuracy per TTT position, and vLLM's count replayed (replay_rounds): `acceptance`, the tokens per
         target step, and `per_position`, the share of rounds accepting a token at each draft position. Recorded in
-        the history at the current step."""
+        the history at the current step. `cache`: a TargetCache of these ids, else the target runs here."""
         self.draft.eval()
         rank, size = world()
-        ids, mask = ids[rank::size], mask[rank::size]
+        mine = torch.arange(ids.shape[0])[rank::size]
         n = self.ttt_steps
         kl_sum, correct, total, rounds = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * (n + 2)
-        for start in range(0, ids.shape[0], batch_size):
-            b_ids = ids[start:start + batch_size].to(self.device)  # (b, T)
-            b_mask = mask[start:start + batch_size].to(self.device)
-            taps, target_logits = self.target(b_ids)
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start:start + batch_size]
+            b_ids, b_mask = ids[rows].to(self.device), mask[rows].to(self.device)  # (b, T)
+            taps, target_logits = cache(rows) if cache is not None else self.target(b_ids)
             kl, c, t, leading = step_sums(ttt_logits(self.draft, taps, b_ids, n), target_logits, b_ids, b_mask,
                                           self.target_ids)
             r, tokens, per_position = replay_rounds(leading.cpu(), b_mask.cpu(), n)
