@@ -81,6 +81,25 @@ def test_target_cache_gives_the_targets_outputs_and_runs_each_kept_row_once(fold
     assert cache.kept.tolist() == [True] * 4 + [False] * 2
 
 
+def test_draft_dtype_auto_is_bfloat16_where_the_hardware_computes_it(tmp_path, monkeypatch):
+    """--draft-dtype auto: bfloat16 on GPUs and on a CPU whose flags name AVX512-BF16 or AMX-BF16, float32 on other
+    CPUs and where the flags cannot be read; an explicit choice is kept."""
+    from nbl_dist.drafting import pipeline
+    from nbl_dist.runtime import resources
+
+    info = tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx2 avx512f avx512_vnni", False), ("fpu avx512f avx512_bf16", True),
+                          ("fpu amx_bf16 amx_tile", True)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert resources.cpu_has_native_bfloat16(str(info)) is native
+    assert resources.cpu_has_native_bfloat16(str(tmp_path / "absent")) is False
+    monkeypatch.setattr(resources, "cpu_has_native_bfloat16", lambda: False)
+    assert pipeline.compute_dtype("auto", "cpu") == "float32" and pipeline.compute_dtype("auto", "cuda") == "bfloat16"
+    assert pipeline.compute_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(resources, "cpu_has_native_bfloat16", lambda: True)
+    assert pipeline.compute_dtype("auto", "cpu") == "bfloat16" and pipeline.compute_dtype("float32", "cuda") == "float32"
+
+
 def test_draft_vocabulary_and_maps():
     """The draft vocabulary is the most frequent generated tokens (ties: lower id), never a prompt or padding
     token; d2t maps draft id k to target id k + d2t[k], t2d marks the same ids."""

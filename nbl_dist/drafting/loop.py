@@ -31,6 +31,7 @@ class LoopConfig:
     initial: str  # safetensors file of the initial draft's tensors (embedding and vocabulary maps included)
     aux_layers: list[int]
     dtype: str
+    compute_dtype: str  # the draft's training compute (bfloat16: autocast), resolved by the driver
     ttt_steps: int
     lr: float
     schedule: str
@@ -62,7 +63,8 @@ def draft_loop(config: dict) -> None:
     draft = load_draft(config_from_dict(cfg.draft_config), load_file(cfg.initial)).to(device)
     target = TargetTaps(cfg.target, cfg.aux_layers, draft_target_ids(draft), torch_dtype(cfg.dtype), device)
     trainer = DraftTrainer(target, draft, ttt_steps=cfg.ttt_steps, lr=cfg.lr, schedule=cfg.schedule,
-                           warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+                           warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                           compute_dtype=torch_dtype(cfg.compute_dtype))
     ray_train.resume(trainer, "drafting", rank)
     train_mask, heldout_mask = train.loss_mask(), heldout.loss_mask()
     # The held-out rows first (a few, measured ~10 times), then the training rows in what the budget has left.

@@ -43,7 +43,7 @@ ENGINE = Engine(name="draft", modules=("speculators",), venv=".venv-vllm", insta
 # started again with the same ones resumes. Not the workers, which a resumed run may change.
 FINGERPRINT_OPTIONS = ("prompt_len", "continuation", "draft_vocab", "aux_layers", "speculative_tokens", "ttt_steps",
                        "epochs", "batch_size", "lr", "schedule", "warmup", "heldout_samples", "eval_every", "generator",
-                       "seed", "dtype")
+                       "seed", "dtype", "draft_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,8 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
                          "--storage there")
         loop = LoopConfig(
             target=str(target.path.resolve()), draft_config=initial["config"], initial=initial["file"],
-            aux_layers=plan.aux_layers, dtype=str(dtype).removeprefix("torch."), ttt_steps=cfg.ttt_steps,
+            aux_layers=plan.aux_layers, dtype=str(dtype).removeprefix("torch."),
+            compute_dtype=compute_dtype(cfg.draft_dtype, device), ttt_steps=cfg.ttt_steps,
             lr=cfg.peak_lr, schedule=cfg.schedule, warmup_steps=round(cfg.warmup * steps), steps=steps,
             batch_size=cfg.batch_size,
             eval_every=cfg.eval_every or max(1, steps // 10), checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
@@ -197,7 +198,7 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
               "tokens": tokens, "trained_tokens": steps * cfg.batch_size * cfg.seq_len,
               "trained_positions": int(train_seq.loss_mask().sum()), "sequences": len(prompts.train_indices),
               "generator": resolve_generator(cfg.generator), "workers": cfg.workers, "device": device,
-              "dtype": loop.dtype, "heldout_before": before, "heldout_after": after, "curve": history,
+              "dtype": loop.dtype, "draft_dtype": loop.compute_dtype, "heldout_before": before, "heldout_after": after, "curve": history,
               "data": record, "init_data": init_records, "run": name,
               "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
               "timings": {"generate_s": generate_s, "train_s": train_s, "total_s": time.perf_counter() - t0}}
@@ -212,6 +213,16 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
         f"replayed), accepted per position {' '.join(f'{a:.2f}' for a in after['per_position'])}; "
         f"{time.perf_counter() - t0:.0f} s")
     return report
+
+
+def compute_dtype(choice: str, device: str) -> str:
+    """--draft-dtype resolved on the driver: auto is bfloat16 on GPUs and on a CPU with native bfloat16 (its workers
+    are taken to be of the driver's kind), else float32."""
+    from nbl_dist.runtime.resources import cpu_has_native_bfloat16
+
+    if choice != "auto":
+        return choice
+    return "bfloat16" if device == "cuda" or cpu_has_native_bfloat16() else "float32"
 
 
 def continuations(cfg: DraftConfig, target: Target, prompts, cache: Path, generator: str, eos: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbl_dist.errors import ConfigError, PlanError
@@ -113,6 +114,18 @@ def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
         return torch.float32
     stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     return torch_dtype(str(stored).removeprefix("torch.")) if stored else torch.bfloat16
+
+
+def cpu_has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX), where oneDNN runs them
+    about twice as fast as float32 (elsewhere bfloat16 is emulated and gains nothing). Linux's flags; False where
+    they cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def memory_budget(device_memory: str | None, device: str, cluster: RayCluster | None, workers: int,

@@ -217,6 +217,36 @@ def test_training_unroll_equals_speculators_forward(drafted):
 
 
 
+def test_a_bfloat16_step_follows_the_float32_step(drafted):
+    """--draft-dtype bfloat16 (autocast) against float32 from the same draft on the same batch: the loss within 2%,
+    the gradient pointing the same way (cosine > 0.99), the draft's weights still float32 after the step."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from nbl_dist.drafting.model import TargetTaps, config_from_dict, draft_target_ids, load_draft
+    from nbl_dist.drafting.trainer import DraftTrainer, step_counts
+
+    _, nbl, fresh, _ = drafted
+    draft = load_draft(config_from_dict(json.loads((fresh / "config.json").read_text())),
+                       load_file(str(fresh / "model.safetensors")))
+    target = TargetTaps(nbl, [0, 1, 2], draft_target_ids(draft), torch.float32, torch.device("cpu"))
+    ids = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(4, 32, dtype=torch.bool)
+    mask[:, 7:31] = True
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        trainer = DraftTrainer(target, copy.deepcopy(draft), ttt_steps=3, lr=0.0, schedule="constant",
+                               warmup_steps=0, total_steps=1, compute_dtype=dtype)
+        record = trainer.train_step(ids, mask, step_counts(mask, 3))
+        grad = torch.cat([p.grad.flatten() for p in trainer.params])
+        assert all(p.dtype == torch.float32 for p in trainer.params)
+        runs[dtype] = record["loss"], grad
+    (loss32, grad32), (loss16, grad16) = runs[torch.float32], runs[torch.bfloat16]
+    assert loss16 != loss32 and abs(loss16 - loss32) <= 0.02 * loss32, (loss16, loss32)  # bfloat16 did run
+    assert float(torch.nn.functional.cosine_similarity(grad16, grad32, dim=0)) > 0.99
+
+
 def test_every_family_a_draft_is_trained_for_has_vllm_taps():
     """drafting.checks accepts exactly the families whose vLLM class, and the plugin's NBL class built from it, have
     the EAGLE-3 interface (the aux hidden states), in the installed vLLM."""
