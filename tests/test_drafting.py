@@ -97,7 +97,8 @@ def test_draft_dtype_auto_is_bfloat16_where_the_hardware_computes_it(tmp_path, m
     assert pipeline.compute_dtype("auto", "cpu") == "float32" and pipeline.compute_dtype("auto", "cuda") == "bfloat16"
     assert pipeline.compute_dtype("bfloat16", "cpu") == "bfloat16"
     monkeypatch.setattr(resources, "cpu_has_native_bfloat16", lambda: True)
-    assert pipeline.compute_dtype("auto", "cpu") == "bfloat16" and pipeline.compute_dtype("float32", "cuda") == "float32"
+    assert pipeline.compute_dtype("auto", "cpu") == "bfloat16"
+    assert pipeline.compute_dtype("float32", "cuda") == "float32"
 
 
 def test_draft_vocabulary_and_maps():

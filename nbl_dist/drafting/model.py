@@ -108,11 +108,11 @@ class TargetCache:
         self.target, self.ids = target, ids
         n, t = ids.shape
         dtype = target.shard.dtype
-        self.row_bytes = t * target.width * torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = t * target.width * dtype.itemsize
         self.capacity = min(n, max(0, int(budget)) // self.row_bytes)  # rows 0 .. capacity - 1 are kept
         self.store = torch.empty(self.capacity, t, target.width, dtype=dtype)  # untouched pages cost nothing
         self.kept = torch.zeros(n, dtype=torch.bool)
-        self.forwards = 0  # rows run through the target, for tests and the report
+        self.forwards = 0  # rows run through the target (tests count them)
 
     def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices (b,) -> the target's (taps, logits) of ids[rows], as TargetTaps would return them."""
