@@ -227,3 +227,41 @@ def test_actor_killed_in_every_phase_gives_the_undisturbed_result(local_ray, mak
     assert_same_result(tmp_path / "run", rep, tmp_path / "ref", ref)
     for a, b in zip(rep["layers"], ref["layers"]):
         assert a["loss_increase"] == pytest.approx(b["loss_increase"], rel=1e-7, abs=1e-12)
+
+
+class NamedStub:
+    """Stands in for a shard worker: takes ShardWorker's arguments, answers pid()."""
+
+    def __init__(self, model_dir, start, end, embed, replica, stage, restore):
+        pass
+
+    def pid(self):
+        return os.getpid()
+
+
+def test_a_recreated_actor_waits_for_its_dead_predecessors_name(local_ray):
+    """Ray frees a dead actor's name only once its control store has marked it dead, which can come after a call
+    to the actor has already failed (the CI run of stop 40 lost a restart that way). A name held by a live actor
+    is another run's and is refused at once with the message that says so; a name whose holder dies while the
+    new actor waits is taken as soon as it is freed."""
+    import threading
+    from types import SimpleNamespace
+
+    from nbl_dist.calibration.ray.actors import ActorGrid
+
+    stage = SimpleNamespace(start=0, end=1, embed=True)
+    cluster = SimpleNamespace(ray=ray, bundle=lambda index: None)
+    grid = ActorGrid(cluster, SimpleNamespace(stages=[stage], replicas=1), "unused", NamedStub, {}, {},
+                     run="nbl-run-name-test")
+    holder = ray.remote(NamedStub).options(name=grid.actor_name(0, 0)).remote("unused", 0, 1, True, 0, 0, False)
+    ray.get(holder.pid.remote())
+    with pytest.raises(RayStartError, match="already running.*use another --out"):
+        grid.make(0, 0, restore=True)
+
+    t0 = time.perf_counter()
+    threading.Timer(1.0, lambda: ray.kill(holder)).start()
+    actor = grid.make(0, 0, restore=True, name_wait_s=30)
+    assert ray.get_actor(grid.actor_name(0, 0))._actor_id == actor._actor_id  # the name is the new actor's
+    assert ray.get(actor.pid.remote()) > 0
+    assert 1.0 <= time.perf_counter() - t0 < 30
+    ray.kill(actor)

@@ -65,6 +65,7 @@ class ActorGrid:
     """
 
     restart_timeout_s = 600.0
+    name_release_s = 60.0  # how long a recreated actor waits for Ray to free its dead predecessor's name
 
     def __init__(self, cluster: RayCluster, plan: ShardPlan, model_dir: str, worker_cls: type, options: dict,
                  worker_kwargs: dict, run: str):
@@ -86,18 +87,28 @@ class ActorGrid:
     def actor_name(self, r: int, s: int) -> str:
         return f"{self.run}-stage{s}-replica{r}"
 
-    def make(self, r: int, s: int, restore: bool):
+    def make(self, r: int, s: int, restore: bool, name_wait_s: float = 0.0):
+        """The actor of replica r, stage s, in its bundle. A name still taken after name_wait_s is another run's.
+
+        A recreated actor takes the name of the one it replaces, which Ray frees only once its control store has
+        marked the old actor dead; that can come after a call to the old actor has already failed (a worker killed
+        by the OS), so _remake waits for the name instead of mistaking its own dead actor for another run."""
         st = self.plan.stages[s]
         strategy = self.cluster.bundle(r * len(self.plan.stages) + s)
         name = self.actor_name(r, s)
-        try:
-            return self.remote_cls.options(scheduling_strategy=strategy, name=name, **self.options).remote(
-                self.model_dir, st.start, st.end, embed=st.embed, replica=r, stage=s, restore=restore,
-                **self.worker_kwargs)
-        except ValueError as e:  # Ray refuses a name taken in this namespace
-            raise RayStartError(f"an actor named {name!r} is already running: another run of the same --out on "
-                                "the same data is going on in this Ray namespace; let it finish, or use another "
-                                f"--out ({e})") from e
+        deadline = time.perf_counter() + name_wait_s
+        while True:
+            try:
+                return self.remote_cls.options(scheduling_strategy=strategy, name=name, **self.options).remote(
+                    self.model_dir, st.start, st.end, embed=st.embed, replica=r, stage=s, restore=restore,
+                    **self.worker_kwargs)
+            except ValueError as e:  # Ray refuses a name taken in this namespace
+                if time.perf_counter() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise RayStartError(f"an actor named {name!r} is already running: another run of the same --out "
+                                    "on the same data is going on in this Ray namespace; let it finish, or use "
+                                    f"another --out ({e})") from e
 
     def all(self) -> list:
         return [a for row in self.rows for a in row]
@@ -138,7 +149,7 @@ class ActorGrid:
 
         t0 = time.perf_counter()
         while True:
-            actor = self.make(r, s, restore=True)
+            actor = self.make(r, s, restore=True, name_wait_s=self.name_release_s)
             try:
                 ray.get(actor.pid.remote(), timeout=max(1.0, self.restart_timeout_s - (time.perf_counter() - t0)))
                 self.waited_s += time.perf_counter() - t0
