@@ -199,8 +199,7 @@ def draft(cfg: DraftConfig, log: Callable[[str], None] | None = None) -> dict:
               "trained_positions": int(train_seq.loss_mask().sum()), "sequences": len(prompts.train_indices),
               "generator": resolve_generator(cfg.generator), "workers": cfg.workers, "device": device,
               "dtype": loop.dtype, "draft_dtype": loop.compute_dtype, "heldout_before": before, "heldout_after": after,
-              "curve": history,
-              "data": record, "init_data": init_records, "run": name,
+              "curve": history, "data": record, "init_data": init_records, "run": name,
               "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
               "timings": {"generate_s": generate_s, "train_s": train_s, "total_s": time.perf_counter() - t0}}
     write_draft(out, trained, report)
